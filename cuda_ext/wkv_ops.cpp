@@ -1,0 +1,94 @@
+// Python bindings of the WKV operator: `forward` and `backward` dispatch on the device of
+// their inputs to the CPU kernels (wkv_cpu.cpp) or, when built WITH_CUDA, the GPU kernels.
+// The caller passes the CUDA stream (torch.cuda.current_stream().cuda_stream) and makes the
+// inputs' GPU current, so this file needs no CUDA headers and compiles against any torch build.
+#include <torch/extension.h>
+
+#ifdef WITH_CUDA
+#include "wkv_cuda.h"
+#endif
+
+std::vector<torch::Tensor> wkv_forward_cpu(torch::Tensor w, torch::Tensor u, torch::Tensor k,
+                                           torch::Tensor v, torch::Tensor state);
+std::vector<torch::Tensor> wkv_backward_cpu(torch::Tensor w, torch::Tensor u, torch::Tensor k,
+                                            torch::Tensor v, torch::Tensor y, torch::Tensor log_den,
+                                            torch::Tensor gy, torch::Tensor state);
+
+#ifdef WITH_CUDA
+namespace {
+
+WkvInput input_kind(const torch::Tensor& k) {
+  switch (k.scalar_type()) {
+    case torch::kFloat32: return WkvInput::kFloat32;
+    case torch::kFloat16: return WkvInput::kFloat16;
+    case torch::kBFloat16: return WkvInput::kBFloat16;
+    default: TORCH_CHECK(false, "wkv (cuda): k and v must be float32, float16 or bfloat16");
+  }
+}
+
+void check_cuda(const torch::Tensor& w, const torch::Tensor& u, const torch::Tensor& k,
+                const torch::Tensor& v, const torch::Tensor& state) {
+  TORCH_CHECK(k.dim() == 3 && v.sizes() == k.sizes() && v.scalar_type() == k.scalar_type(),
+              "wkv: k and v must both be [B, T, C] of one dtype");
+  const auto C = k.size(2);
+  TORCH_CHECK(w.dim() == 1 && w.size(0) == C && u.sizes() == w.sizes(), "wkv: w and u must be [C]");
+  TORCH_CHECK(state.dim() == 3 && state.size(0) == k.size(0) && state.size(1) == 3 &&
+                  state.size(2) == C,
+              "wkv: state must be [B, 3, C]");
+  for (const auto* x : {&w, &u, &state}) {
+    TORCH_CHECK(x->scalar_type() == torch::kFloat32, "wkv (cuda): w, u and state must be float32");
+  }
+  for (const auto* x : {&w, &u, &k, &v, &state}) {
+    TORCH_CHECK(x->is_cuda() && x->is_contiguous() && x->device() == k.device(),
+                "wkv (cuda): all inputs must be contiguous tensors on one GPU");
+  }
+}
+
+}  // namespace
+#endif
+
+std::vector<torch::Tensor> wkv_forward(torch::Tensor w, torch::Tensor u, torch::Tensor k,
+                                       torch::Tensor v, torch::Tensor state, int64_t stream) {
+  if (k.device().is_cpu()) return wkv_forward_cpu(w, u, k, v, state);
+#ifdef WITH_CUDA
+  check_cuda(w, u, k, v, state);
+  const auto f32 = k.options().dtype(torch::kFloat32);
+  auto y = torch::empty(k.sizes(), f32), log_den = torch::empty(k.sizes(), f32);
+  auto state_out = torch::empty_like(state);
+  wkv_forward_cuda(input_kind(k), k.size(0), k.size(1), k.size(2), w.data_ptr<float>(),
+                   u.data_ptr<float>(), k.data_ptr(), v.data_ptr(), state.data_ptr<float>(),
+                   y.data_ptr<float>(), log_den.data_ptr<float>(), state_out.data_ptr<float>(),
+                   reinterpret_cast<void*>(stream));
+  return {y, log_den, state_out};
+#else
+  TORCH_CHECK(false, "wkv: this build of the extension has no CUDA kernels");
+#endif
+}
+
+std::vector<torch::Tensor> wkv_backward(torch::Tensor w, torch::Tensor u, torch::Tensor k,
+                                        torch::Tensor v, torch::Tensor y, torch::Tensor log_den,
+                                        torch::Tensor gy, torch::Tensor state, int64_t stream) {
+  if (k.device().is_cpu()) return wkv_backward_cpu(w, u, k, v, y, log_den, gy, state);
+#ifdef WITH_CUDA
+  check_cuda(w, u, k, v, state);
+  gy = gy.to(torch::kFloat32).contiguous();
+  const auto f32 = k.options().dtype(torch::kFloat32);
+  auto gk = torch::empty(k.sizes(), f32), gv = torch::empty(k.sizes(), f32);
+  auto gw = torch::empty({k.size(0), k.size(2)}, f32), gu = torch::empty_like(gw);
+  wkv_backward_cuda(input_kind(k), k.size(0), k.size(1), k.size(2), w.data_ptr<float>(),
+                    u.data_ptr<float>(), k.data_ptr(), v.data_ptr(), y.data_ptr<float>(),
+                    log_den.data_ptr<float>(), gy.data_ptr<float>(), state.data_ptr<float>(),
+                    gw.data_ptr<float>(), gu.data_ptr<float>(), gk.data_ptr<float>(),
+                    gv.data_ptr<float>(), reinterpret_cast<void*>(stream));
+  return {gw, gu, gk, gv};
+#else
+  TORCH_CHECK(false, "wkv: this build of the extension has no CUDA kernels");
+#endif
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("forward", &wkv_forward,
+        "WKV forward: (w, u, k, v, state, cuda_stream) -> (y, log_den, state_out)");
+  m.def("backward", &wkv_backward,
+        "WKV backward: (w, u, k, v, y, log_den, gy, state, cuda_stream) -> (gw[B,C], gu[B,C], gk, gv)");
+}

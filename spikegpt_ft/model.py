@@ -1,0 +1,309 @@
+"""SpikeGPT (Zhu et al., 2024): RWKV-v4 style blocks whose mixer outputs pass through LIF neurons.
+
+The arithmetic follows ``docs/spikegpt-model.md`` of the shared folder::
+
+    x = H(E[ids])                                  binary embedding, arctangent surrogate
+    for each block:
+        x = x + LIF1(TimeMix(LN1(x)))              LIF along the token axis
+        x = x + LIF2(ChannelMix(LN2(x)))
+        x = dropout(x, 0.03)                       training only
+    logits = Head(LN_out(x))
+
+One code path serves every mode: ``forward`` is a fresh parallel pass, ``prefill`` a parallel pass
+that continues from a :class:`RecurrentState` and returns the next one, and ``step`` is ``prefill`` of
+one token. Parameter names are the official ones, so official checkpoints load as they are.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from spikingjelly.activation_based import neuron, surrogate
+from torch import nn
+
+from .state import RecurrentState
+from .wkv import fresh_state, wkv
+
+#: Dropout after every block while training (the official setting).
+BLOCK_DROPOUT = 0.03
+
+
+def make_lif(v_threshold: float = 1.0, tau: float = 2.0) -> neuron.LIFNode:
+    """A multi-step SpikingJelly LIF neuron with SpikeGPT's settings (hard reset to 0, ATan surrogate)."""
+    return neuron.LIFNode(
+        tau=tau,
+        v_threshold=v_threshold,
+        v_reset=0.0,
+        decay_input=True,
+        detach_reset=False,
+        surrogate_function=surrogate.ATan(alpha=2.0),
+        step_mode="m",
+    )
+
+
+def fire(node: neuron.LIFNode, x: torch.Tensor) -> torch.Tensor:
+    """Run ``x`` ``[B, T, C]`` through a multi-step LIF along the token axis; spikes in ``x``'s dtype.
+
+    The neuron integrates in float32 whatever the model's dtype; its membrane after the last token
+    stays in ``node.v`` for the caller to carry.
+    """
+    spikes = node(x.float().transpose(0, 1).contiguous())
+    return spikes.transpose(0, 1).to(x.dtype)
+
+
+def token_shift(y: torch.Tensor, previous: torch.Tensor) -> torch.Tensor:
+    """``y`` moved one token later along T, with ``previous`` ``[B, C]`` entering at position 0."""
+    return torch.cat([previous.to(y.dtype).unsqueeze(1), y[:, :-1]], dim=1)
+
+
+def mix(y: torch.Tensor, shifted: torch.Tensor, mu: torch.Tensor) -> torch.Tensor:
+    """``y * mu + shift(y) * (1 - mu)``, per channel."""
+    return shifted + mu * (y - shifted)
+
+
+@dataclass(frozen=True)
+class SpikeGPTConfig:
+    """Sizes of a SpikeGPT, all readable from a state dict."""
+
+    vocab_size: int
+    n_embd: int
+    n_layer: int
+    ffn_hidden: int
+    head_out: int
+    head_bias: bool = False
+
+    @classmethod
+    def from_state_dict(cls, sd: Mapping[str, torch.Tensor]) -> SpikeGPTConfig:
+        """Infer the config from tensor shapes, as the official checkpoints carry no config."""
+        vocab, n_embd = sd["emb.weight"].shape
+        layers = {int(m.group(1)) for k in sd if (m := re.match(r"blocks\.(\d+)\.", k))}
+        return cls(
+            vocab_size=vocab,
+            n_embd=n_embd,
+            n_layer=1 + max(layers) if layers else 0,
+            ffn_hidden=sd["blocks.0.ffn.key.weight"].shape[0] if layers else 4 * n_embd,
+            head_out=sd["head.weight"].shape[0],
+            head_bias="head.bias" in sd,
+        )
+
+
+class TimeMix(nn.Module):
+    """The spiking RWKV (SRWKV) token mixer."""
+
+    def __init__(self, n_embd: int):
+        super().__init__()
+        self.time_decay = nn.Parameter(torch.zeros(n_embd))
+        self.time_first = nn.Parameter(torch.zeros(n_embd))
+        self.time_mix_k = nn.Parameter(torch.full((1, 1, n_embd), 0.5))
+        self.time_mix_v = nn.Parameter(torch.full((1, 1, n_embd), 0.5))
+        self.time_mix_r = nn.Parameter(torch.full((1, 1, n_embd), 0.5))
+        self.key = nn.Linear(n_embd, n_embd, bias=False)
+        self.value = nn.Linear(n_embd, n_embd, bias=False)
+        self.receptance = nn.Linear(n_embd, n_embd, bias=False)
+        self.output = nn.Linear(n_embd, n_embd, bias=False)
+
+    def forward(
+        self, y: torch.Tensor, previous: torch.Tensor, wkv_state: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Mix ``y`` ``[B, T, C]`` given the token before it and the WKV state; returns the new WKV state too."""
+        shifted = token_shift(y, previous)
+        k = self.key(mix(y, shifted, self.time_mix_k))
+        v = self.value(mix(y, shifted, self.time_mix_v))
+        r = self.receptance(mix(y, shifted, self.time_mix_r))
+        wkv_out, wkv_state = wkv(self.time_decay, self.time_first, k, v, wkv_state)
+        return self.output(torch.sigmoid(r) * wkv_out), wkv_state
+
+
+class ChannelMix(nn.Module):
+    """The spiking receptance feed-forward network (SRFFN)."""
+
+    def __init__(self, n_embd: int, hidden: int):
+        super().__init__()
+        self.time_mix_k = nn.Parameter(torch.full((1, 1, n_embd), 0.5))
+        self.time_mix_r = nn.Parameter(torch.full((1, 1, n_embd), 0.5))
+        self.key = nn.Linear(n_embd, hidden, bias=False)
+        self.receptance = nn.Linear(n_embd, n_embd, bias=False)
+        self.value = nn.Linear(hidden, n_embd, bias=False)
+
+    def forward(self, y: torch.Tensor, previous: torch.Tensor) -> torch.Tensor:
+        """Mix ``y`` ``[B, T, C]`` given the token before it."""
+        shifted = token_shift(y, previous)
+        k = torch.square(torch.relu(self.key(mix(y, shifted, self.time_mix_k))))
+        return torch.sigmoid(self.receptance(mix(y, shifted, self.time_mix_r))) * self.value(k)
+
+
+class Block(nn.Module):
+    """One SpikeGPT layer: time mix and channel mix, each followed by a LIF layer on the residual."""
+
+    def __init__(self, index: int, n_embd: int, ffn_hidden: int):
+        super().__init__()
+        self.ln0 = nn.LayerNorm(n_embd) if index == 0 else None
+        self.ln1 = nn.LayerNorm(n_embd)
+        self.ln2 = nn.LayerNorm(n_embd)
+        self.att = TimeMix(n_embd)
+        self.ffn = ChannelMix(n_embd, ffn_hidden)
+        self.lif1 = make_lif()
+        self.lif2 = make_lif()
+        self.drop = nn.Dropout(BLOCK_DROPOUT)
+
+    def forward(
+        self, x: torch.Tensor, att_shift: torch.Tensor, ffn_shift: torch.Tensor, wkv_state: torch.Tensor
+    ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """Advance the residual stream ``x`` ``[B, T, C]``; returns it and this layer's carried state."""
+        if self.ln0 is not None:
+            x = self.ln0(x)
+        y = self.ln1(x)
+        mixed, wkv_state = self.att(y, att_shift, wkv_state)
+        x = x + fire(self.lif1, mixed)
+        z = self.ln2(x)
+        x = x + fire(self.lif2, self.ffn(z, ffn_shift))
+        return self.drop(x), (y[:, -1], z[:, -1], wkv_state)
+
+
+class SpikeGPT(nn.Module):
+    """The SpikeGPT language model (or classifier, once :meth:`reset_head` gave it a class head)."""
+
+    def __init__(self, config: SpikeGPTConfig):
+        super().__init__()
+        self.config = config
+        self.emb = nn.Embedding(config.vocab_size, config.n_embd)
+        self.binarize = surrogate.ATan(alpha=2.0)
+        self.blocks = nn.ModuleList(Block(i, config.n_embd, config.ffn_hidden) for i in range(config.n_layer))
+        self.ln_out = nn.LayerNorm(config.n_embd)
+        self.head = nn.Linear(config.n_embd, config.head_out, bias=config.head_bias)
+
+    def reset_head(self, n_out: int) -> None:
+        """Replace the LM head by a fresh ``C -> n_out`` head with bias (for classification)."""
+        p = self.emb.weight
+        self.head = nn.Linear(self.config.n_embd, n_out, bias=True, device=p.device, dtype=p.dtype)
+        self.config = SpikeGPTConfig(**{**self.config.__dict__, "head_out": n_out, "head_bias": True})
+
+    def lif_nodes(self) -> dict[str, neuron.LIFNode]:
+        """Every LIF neuron layer in the model, adapters' included, by module name."""
+        return {name: m for name, m in self.named_modules() if isinstance(m, neuron.BaseNode)}
+
+    def state_signature(self) -> tuple:
+        """What a state must match to continue this model: sizes and the names of its neurons."""
+        return (self.config.n_layer, self.config.n_embd, tuple(self.lif_nodes()))
+
+    def init_state(self, batch_size: int) -> RecurrentState:
+        """The state of ``batch_size`` sequences before any token."""
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+        L, C, device = self.config.n_layer, self.config.n_embd, self.emb.weight.device
+        return RecurrentState(
+            att_shift=torch.zeros(L, batch_size, C, device=device),
+            ffn_shift=torch.zeros(L, batch_size, C, device=device),
+            wkv=fresh_state(L * batch_size, C, device).view(L, batch_size, 3, C),
+            membranes=dict.fromkeys(self.lif_nodes()),
+            signature=self.state_signature(),
+        )
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        """Logits ``[B, T, head_out]`` for token ids ``[B, T]`` from a fresh state (parallel mode)."""
+        return self._run(ids, None)[0]
+
+    def prefill(self, ids: torch.Tensor, state: RecurrentState) -> tuple[torch.Tensor, RecurrentState]:
+        """Parallel pass over ``ids`` ``[B, T]`` continuing from ``state``; returns logits and the next state."""
+        return self._run(ids, state)
+
+    def step(self, tokens: torch.Tensor, state: RecurrentState) -> tuple[torch.Tensor, RecurrentState]:
+        """One token per sequence (``tokens`` ``[B]``); returns logits ``[B, head_out]`` and the next state."""
+        if tokens.dim() != 1:
+            raise ValueError(f"step takes one token per sequence, shape [B]; got shape {tuple(tokens.shape)}")
+        logits, state = self._run(tokens.unsqueeze(1), state)
+        return logits[:, 0], state
+
+    def _check(self, ids: torch.Tensor, state: RecurrentState | None) -> None:
+        if ids.dim() != 2:
+            raise ValueError(f"token ids must have shape [B, T], got {tuple(ids.shape)}")
+        if ids.dtype not in (torch.int64, torch.int32):
+            raise ValueError(f"token ids must be integers (int64), got {ids.dtype}")
+        if ids.shape[0] == 0 or ids.shape[1] == 0:
+            raise ValueError(f"empty input: token ids of shape {tuple(ids.shape)}; give at least one token")
+        lo, hi = int(ids.min()), int(ids.max())
+        if lo < 0 or hi >= self.config.vocab_size:
+            bad = hi if hi >= self.config.vocab_size else lo
+            raise ValueError(f"token id {bad} is outside the vocabulary [0, {self.config.vocab_size})")
+        if state is None:
+            return
+        if not isinstance(state, RecurrentState):
+            raise ValueError(f"state must be a RecurrentState from init_state/prefill/step, got {type(state).__name__}")
+        if state.signature != self.state_signature():
+            raise ValueError(
+                "this state belongs to another model (layers, width or spiking neurons differ): "
+                f"state {state.signature[:2]} vs model {self.state_signature()[:2]}; start from model.init_state()"
+            )
+        if state.batch_size != ids.shape[0]:
+            raise ValueError(f"state holds {state.batch_size} sequences but {ids.shape[0]} were given")
+
+    def _run(self, ids: torch.Tensor, state: RecurrentState | None) -> tuple[torch.Tensor, RecurrentState]:
+        self._check(ids, state)
+        state = state or self.init_state(ids.shape[0])
+        nodes = self.lif_nodes()
+        for name, node in nodes.items():
+            node.reset()
+            if state.membranes[name] is not None:
+                node.v = state.membranes[name]
+        try:
+            x = self.binarize(self.emb(ids))
+            carried = []
+            for i, block in enumerate(self.blocks):
+                x, layer_state = block(x, state.att_shift[i], state.ffn_shift[i], state.wkv[i])
+                carried.append(layer_state)
+            logits = self.head(self.ln_out(x))
+            membranes = {name: node.v.detach() for name, node in nodes.items()}
+        finally:
+            for node in nodes.values():
+                node.reset()
+        att_shift, ffn_shift, wkv_state = (torch.stack([c[j].detach().float() for c in carried]) for j in range(3))
+        next_state = RecurrentState(att_shift, ffn_shift, wkv_state, membranes, state.signature)
+        return logits, next_state
+
+
+def _read_state_dict(source: str | Path | Mapping[str, torch.Tensor]) -> Mapping[str, torch.Tensor]:
+    if isinstance(source, Mapping):
+        return source
+    path = Path(source)
+    if not path.is_file():
+        raise FileNotFoundError(f"no SpikeGPT checkpoint at {path}")
+    try:
+        sd = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # torch raises several types for a file that is not a checkpoint
+        raise ValueError(f"{path} is not a readable PyTorch checkpoint: {err}") from err
+    if not isinstance(sd, Mapping) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+        raise ValueError(f"{path} does not hold a state dict (a mapping of names to tensors)")
+    return sd
+
+
+def load_model(
+    source: str | Path | Mapping[str, torch.Tensor],
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype = torch.float32,
+) -> SpikeGPT:
+    """Load an official SpikeGPT state dict (a ``.pth`` path or the dict itself) in eval mode.
+
+    The config is read from the tensor shapes; weights stored as fp32, bf16 or fp16 are converted to
+    ``dtype``. A dict that is not a SpikeGPT state dict gets a ``ValueError`` naming the missing and
+    unexpected keys.
+    """
+    sd = _read_state_dict(source)
+    required = ("emb.weight", "head.weight", "ln_out.weight")
+    if any(k not in sd for k in required):
+        missing = [k for k in required if k not in sd]
+        raise ValueError(
+            f"not a SpikeGPT state dict: missing keys {missing}; "
+            f"unexpected keys {sorted(sd)[:10]}{' ...' if len(sd) > 10 else ''}"
+        )
+    model = SpikeGPT(SpikeGPTConfig.from_state_dict(sd))
+    result = model.load_state_dict(dict(sd), strict=False)
+    if result.missing_keys or result.unexpected_keys:
+        raise ValueError(
+            f"not a SpikeGPT state dict: missing keys {result.missing_keys}, "
+            f"unexpected keys {result.unexpected_keys}"
+        )
+    return model.to(device=device, dtype=dtype).eval()
