@@ -1,0 +1,60 @@
+"""GPU checks: the CUDA WKV kernel and the whole model on CUDA against the CPU path.
+
+These need a CUDA device and are skipped where there is none (CI has none); run them on a GPU
+machine with `python -m pytest tests/test_gpu.py`.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import FIXTURES, tiny_model
+
+from spikegpt_ft import load_model
+from spikegpt_ft.wkv import fresh_state, wkv
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device on this machine"),
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("shape", [(2, 17, 40), (1, 3000, 8)])
+def test_cuda_kernel_matches_cpu_kernel(dtype, shape):
+    B, T, C = shape
+    g = torch.Generator().manual_seed(0)
+    td, tf = torch.rand(C, generator=g) * 4 - 3, torch.rand(C, generator=g) * 2 - 1
+    k, v = torch.randn(B, T, C, generator=g).to(dtype), torch.randn(B, T, C, generator=g).to(dtype)
+    gy = torch.randn(B, T, C, generator=g)
+    cpu = [x.float().requires_grad_() for x in (td, tf, k, v)]
+    gpu = [x.cuda().requires_grad_() for x in (td, tf, k, v)]
+    y_cpu, s_cpu = wkv(*cpu, fresh_state(B, C))
+    y_gpu, s_gpu = wkv(*gpu, fresh_state(B, C, "cuda"))
+    (y_cpu * gy).sum().backward()
+    (y_gpu.float() * gy.cuda()).sum().backward()
+    tol = 1e-4 if dtype == torch.float32 else 1e-2
+    assert (y_gpu.float().cpu() - y_cpu).abs().max() < tol
+    assert (s_gpu.cpu() - s_cpu).abs().max() < 1e-3 * s_cpu.abs().max()
+    for a, b in zip(gpu, cpu, strict=True):
+        assert (a.grad.float().cpu() - b.grad).abs().max() <= 1e-3 * b.grad.abs().max()
+
+
+@pytest.mark.parametrize("name", ["f1", "f2"])
+def test_fixture_parity_on_cuda(name):
+    expect = torch.load(FIXTURES / f"{name}_expect.pt", map_location="cpu", weights_only=True)
+    model = load_model(FIXTURES / f"{name}_model.pth", device="cuda")
+    logits = model(expect["ids"].cuda()).cpu()
+    assert (logits - expect["logits"]).abs().max() < 1e-3
+
+
+@torch.no_grad()
+def test_recurrent_equals_parallel_on_cuda():
+    model = tiny_model().cuda()
+    ids = torch.randint(0, 97, (4, 33), device="cuda")
+    parallel = model(ids)
+    state, outs = model.init_state(4), []
+    for t in range(ids.shape[1]):
+        logits, state = model.step(ids[:, t], state)
+        outs.append(logits)
+    assert (torch.stack(outs, 1) - parallel).abs().max() < 1e-4
