@@ -186,21 +186,22 @@ class SpikeGPT(nn.Module):
         """Every LIF neuron layer in the model, adapters' included, by module name."""
         return {name: m for name, m in self.named_modules() if isinstance(m, neuron.BaseNode)}
 
-    def state_signature(self) -> tuple:
+    def state_signature(self, nodes: Mapping[str, neuron.LIFNode] | None = None) -> tuple:
         """What a state must match to continue this model: sizes and the names of its neurons."""
-        return (self.config.n_layer, self.config.n_embd, tuple(self.lif_nodes()))
+        return (self.config.n_layer, self.config.n_embd, tuple(self.lif_nodes() if nodes is None else nodes))
 
     def init_state(self, batch_size: int) -> RecurrentState:
         """The state of ``batch_size`` sequences before any token."""
         if batch_size < 1:
             raise ValueError(f"batch_size must be at least 1, got {batch_size}")
         L, C, device = self.config.n_layer, self.config.n_embd, self.emb.weight.device
+        nodes = self.lif_nodes()
         return RecurrentState(
             att_shift=torch.zeros(L, batch_size, C, device=device),
             ffn_shift=torch.zeros(L, batch_size, C, device=device),
             wkv=fresh_state(L * batch_size, C, device).view(L, batch_size, 3, C),
-            membranes=dict.fromkeys(self.lif_nodes()),
-            signature=self.state_signature(),
+            membranes=dict.fromkeys(nodes),
+            signature=self.state_signature(nodes),
         )
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
@@ -218,14 +219,14 @@ class SpikeGPT(nn.Module):
         logits, state = self._run(tokens.unsqueeze(1), state)
         return logits[:, 0], state
 
-    def _check(self, ids: torch.Tensor, state: RecurrentState | None) -> None:
+    def _check(self, ids: torch.Tensor, state: RecurrentState | None, nodes: Mapping[str, neuron.LIFNode]) -> None:
         if ids.dim() != 2:
             raise ValueError(f"token ids must have shape [B, T], got {tuple(ids.shape)}")
         if ids.dtype not in (torch.int64, torch.int32):
             raise ValueError(f"token ids must be integers (int64), got {ids.dtype}")
         if ids.shape[0] == 0 or ids.shape[1] == 0:
             raise ValueError(f"empty input: token ids of shape {tuple(ids.shape)}; give at least one token")
-        lo, hi = int(ids.min()), int(ids.max())
+        lo, hi = torch.stack(torch.aminmax(ids)).tolist()  # one host sync for both bounds
         if lo < 0 or hi >= self.config.vocab_size:
             bad = hi if hi >= self.config.vocab_size else lo
             raise ValueError(f"token id {bad} is outside the vocabulary [0, {self.config.vocab_size})")
@@ -233,7 +234,7 @@ class SpikeGPT(nn.Module):
             return
         if not isinstance(state, RecurrentState):
             raise ValueError(f"state must be a RecurrentState from init_state/prefill/step, got {type(state).__name__}")
-        if state.signature != self.state_signature():
+        if state.signature != self.state_signature(nodes):
             raise ValueError(
                 "this state belongs to another model (layers, width or spiking neurons differ): "
                 f"state {state.signature[:2]} vs model {self.state_signature()[:2]}; start from model.init_state()"
@@ -242,9 +243,9 @@ class SpikeGPT(nn.Module):
             raise ValueError(f"state holds {state.batch_size} sequences but {ids.shape[0]} were given")
 
     def _run(self, ids: torch.Tensor, state: RecurrentState | None) -> tuple[torch.Tensor, RecurrentState]:
-        self._check(ids, state)
-        state = state or self.init_state(ids.shape[0])
         nodes = self.lif_nodes()
+        self._check(ids, state, nodes)
+        state = state or self.init_state(ids.shape[0])
         for name, node in nodes.items():
             node.reset()
             if state.membranes[name] is not None:

@@ -1,0 +1,227 @@
+"""Training: padding-free read-out, real train.py runs (every adapter, resume, 2-process DDP), run checkpoints."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from spikegpt_ft import adapters as ad
+from spikegpt_ft.checkpoint import export_run, load_classifier
+from spikegpt_ft.data import load_tokenizer
+from spikegpt_ft.train_cli import main
+from spikegpt_ft.training import build_classifier, last_token_logits
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = str(REPO / "configs" / "model" / "tiny.yaml")
+
+#: A few hundred Subj sentences on the tiny scratch model: enough to beat chance in seconds.
+QUICK = [
+    "--config", str(REPO / "configs" / "quickstart.yaml"), "--max-train-samples", "1200",
+    "--max-eval-samples", "200", "--batch-size", "16", "--lr", "1e-2", "--progress-bar", "false",
+    "--log-every-n-steps", "10",
+]  # fmt: skip
+
+KEYS = {
+    "test_accuracy", "val_accuracy", "sparsity", "trainable_params", "total_params", "epoch_time_s",
+    "peak_memory_mb", "base", "task", "adapter", "seed", "epochs",
+}  # fmt: skip
+
+
+def train(args: list[str], timeout: float = 240, **kw) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    return subprocess.run(
+        [sys.executable, str(REPO / "train.py"), *args], cwd=REPO, env=env, capture_output=True, text=True,
+        timeout=timeout, **kw,
+    )  # fmt: skip
+
+
+def _texts(shared):
+    tok = load_tokenizer(shared / "tokenizer" / "20B_tokenizer.json")
+    sentences = [
+        "a",
+        "the film is a quiet , moving portrait of grief .",
+        "dull",
+        "it is what it is , no more and no less",
+    ]
+    return [tok.encode(s).ids for s in sentences]
+
+
+@pytest.mark.parametrize("adapter", ["none", "spikelora"])
+def test_padding_never_influences_a_prediction(shared, adapter):
+    torch.manual_seed(0)
+    model, _ = build_classifier("scratch", 2, adapter, TINY)
+    if adapter != "none":
+        with torch.no_grad():
+            for m in ad.adapter_modules(model).values():
+                m.lora_B.normal_(0, 0.5)  # make the adapters matter
+    model.eval()
+    seqs = _texts(shared)
+    lengths = torch.tensor([len(s) for s in seqs])
+    ids = torch.full((len(seqs), int(lengths.max()) + 3), 1)
+    for i, s in enumerate(seqs):
+        ids[i, : len(s)] = torch.tensor(s)
+    mask = torch.arange(ids.shape[1]) < lengths[:, None]
+    with torch.no_grad():
+        if adapter != "none":
+            ad.reset_sparsity(model)
+        batched = last_token_logits(model, ids, lengths, mask)
+        counted = [(m.sparsity_zeros.item(), m.sparsity_total.item()) for m in ad.adapter_modules(model).values()]
+        alone = []
+        if adapter != "none":
+            ad.reset_sparsity(model)
+        for s in seqs:
+            x = torch.tensor([s])
+            alone.append(last_token_logits(model, x, torch.tensor([len(s)]), torch.ones_like(x, dtype=torch.bool)))
+    torch.testing.assert_close(batched, torch.cat(alone), rtol=0, atol=1e-5)
+    if adapter != "none":  # the sparsity count sees the real tokens only
+        single = [(m.sparsity_zeros.item(), m.sparsity_total.item()) for m in ad.adapter_modules(model).values()]
+        assert counted == single
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """One real train.py run per adapter (module-wide, shared by the tests below)."""
+    root = tmp_path_factory.mktemp("runs")
+    out = {}
+    for adapter in ("none", "lora", "spikelora"):
+        started = time.perf_counter()
+        res = train([*QUICK, "--adapter", adapter, "--epochs", "3", "--output-dir", str(root / adapter)])
+        assert res.returncode == 0, res.stderr[-3000:]
+        out[adapter] = (root / adapter, time.perf_counter() - started)
+    return out
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("adapter", ["none", "lora", "spikelora"])
+def test_end_to_end_fine_tune(runs, adapter):
+    run_dir, _ = runs[adapter]
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert KEYS <= set(metrics)
+    assert metrics["task"] == "subj" and metrics["adapter"] == adapter and metrics["seed"] == 0
+    assert metrics["base"] == "scratch:tiny"
+    assert metrics["test_accuracy"] > 0.6 and metrics["val_accuracy"] > 0.6, metrics  # chance is 0.5
+    assert len(metrics["epochs"]) == 3 and all("gen_gap" in e for e in metrics["epochs"])
+    assert metrics["splits"] == {"train": 1200, "validation": 200, "test": 200}
+    assert metrics["trainable_params"] < metrics["total_params"] if adapter != "none" else True
+    if adapter == "spikelora":
+        assert 0 < metrics["sparsity"] < 1 and "blocks.0.att.key" in metrics["sparsity_per_module"]
+    if adapter == "none":
+        assert metrics["sparsity"] is None and metrics["trainable_params"] == metrics["total_params"]
+    for name in ("last.ckpt", "best.ckpt", "run_config.json", "model.safetensors"):
+        assert (run_dir / name).is_file(), name
+    assert (run_dir / "adapter.safetensors").is_file() == (adapter != "none")
+    assert list(run_dir.glob("logs/version_0/metrics.csv"))
+    # the exported weights reproduce the test accuracy through load_classifier
+    model, info = load_classifier(run_dir)
+    assert info["task"] == "subj" and info["labels"] == ["objective", "subjective"] and info["adapter"] == adapter
+    assert not model.training
+
+
+@pytest.mark.slow
+def test_resume_continues_exactly(runs, tmp_path):
+    """Kill a run after its first epoch, resume it: same figures as the uninterrupted run."""
+    run_dir = tmp_path / "resumed"
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    args = [*QUICK, "--adapter", "lora", "--epochs", "3", "--output-dir", str(run_dir)]
+    proc = subprocess.Popen(
+        [sys.executable, str(REPO / "train.py"), *args], cwd=REPO, env=env,
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    deadline = time.time() + 180
+    while not (run_dir / "last.ckpt").exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert (run_dir / "last.ckpt").is_file() and not (run_dir / "metrics.json").exists()
+    # starting again without --resume would lose the run: refused
+    again = train(args)
+    assert again.returncode != 0 and "--resume" in again.stderr
+    res = train([*args, "--resume"])
+    assert res.returncode == 0, res.stderr[-3000:]
+    resumed = json.loads((run_dir / "metrics.json").read_text())
+    reference = json.loads((runs["lora"][0] / "metrics.json").read_text())
+    for a, b in zip(resumed["epochs"], reference["epochs"], strict=True):
+        assert a["val_loss"] == pytest.approx(b["val_loss"], abs=1e-5)
+        assert a["train_loss"] == pytest.approx(b["train_loss"], abs=1e-5)
+    assert resumed["test_accuracy"] == pytest.approx(reference["test_accuracy"], abs=1e-6)
+
+
+@pytest.mark.slow
+def test_two_process_ddp_on_cpu(tmp_path):
+    run_dir = tmp_path / "ddp"
+    args = [*QUICK, "--adapter", "lora", "--epochs", "1", "--max-train-samples", "320", "--output-dir", str(run_dir)]
+    res = train([*args, "--accelerator", "cpu", "--devices", "2", "--strategy", "ddp"])
+    assert res.returncode == 0, res.stderr[-3000:]
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["world_size"] == 2 and 0 <= metrics["test_accuracy"] <= 1
+    assert (run_dir / "adapter.safetensors").is_file()
+
+
+def test_bad_cli_input_is_explained(capsys, tmp_path):
+    with pytest.raises(SystemExit):
+        main(["--task", "imdb", "--adapter", "lora"])
+    err = capsys.readouterr().err
+    assert "imdb" in err and "subj" in err and "sst5" in err
+    with pytest.raises(SystemExit):
+        main(["--task", "subj", "--adapter", "dora"])
+    err = capsys.readouterr().err
+    assert "none" in err and "spikelora" in err
+    with pytest.raises(SystemExit, match="no .*last.ckpt to continue"):
+        main([*QUICK, "--adapter", "lora", "--output-dir", str(tmp_path / "x"), "--resume"])
+    status = main(
+        [
+            "--task",
+            "subj",
+            "--adapter",
+            "lora",
+            "--base",
+            str(tmp_path / "none.pth"),
+            "--output-dir",
+            str(tmp_path / "y"),
+        ]
+    )
+    err = capsys.readouterr().err
+    assert status == 2 and "ridger/SpikeGPT-OpenWebText-216M" in err and "none.pth" in err
+
+
+def _official_like(path: Path, seed: int) -> Path:
+    from tests.conftest import tiny_model
+
+    torch.save(tiny_model(vocab=50277, n_embd=16, n_layer=1, seed=seed).state_dict(), path)
+    return path
+
+
+def test_load_classifier_checks_kind_and_base(tmp_path):
+    base = _official_like(tmp_path / "base.pth", 0)
+    other = _official_like(tmp_path / "other.pth", 1)
+    model, info = build_classifier(base, 2, "lora", None, {"r": 4})
+    with torch.no_grad():
+        for m in ad.adapter_modules(model).values():
+            m.lora_B.normal_()
+    cfg = {"task": "sst2", "labels": ["negative", "positive"], "adapter": "lora", **info, "max_length": None}
+    run = tmp_path / "run"
+    export_run(model, run, cfg)
+    assert (run / "adapter.safetensors").is_file() and not (run / "model.safetensors").exists()
+    loaded, meta = load_classifier(run)  # the recorded base path
+    ids = torch.tensor([[5, 6, 7]])
+    torch.testing.assert_close(loaded(ids), model.eval()(ids))
+    assert meta["labels"] == ["negative", "positive"]
+    loaded, _ = load_classifier(run / "adapter.safetensors", base=base)
+    with pytest.raises(ValueError, match="not the base these adapters were trained on"):
+        load_classifier(run, base=other)
+    (tmp_path / "x.ckpt").write_bytes(b"0")
+    with pytest.raises(ValueError, match="Lightning training checkpoint"):
+        load_classifier(tmp_path / "x.ckpt")
+    with pytest.raises(FileNotFoundError, match="not a spikegpt-ft run directory"):
+        load_classifier(tmp_path)
+    os.remove(base)
+    with pytest.raises(FileNotFoundError, match="ridger/SpikeGPT-OpenWebText-216M"):
+        load_classifier(run)
