@@ -49,20 +49,21 @@ def fire(node: neuron.LIFNode, x: torch.Tensor) -> torch.Tensor:
     """Run ``x`` ``[B, T, C]`` through a multi-step LIF along the token axis; spikes in ``x``'s dtype.
 
     The neuron integrates in float32 whatever the model's dtype; its membrane after the last token
-    stays in ``node.v`` for the caller to carry.
+    stays in ``node.v`` for the caller to carry. It is called as a module so that forward hooks
+    (spike-rate monitors) see it.
     """
     spikes = node(x.float().transpose(0, 1).contiguous())
     return spikes.transpose(0, 1).to(x.dtype)
 
 
-def token_shift(y: torch.Tensor, previous: torch.Tensor) -> torch.Tensor:
-    """``y`` moved one token later along T, with ``previous`` ``[B, C]`` entering at position 0."""
-    return torch.cat([previous.to(y.dtype).unsqueeze(1), y[:, :-1]], dim=1)
+def shift_mix(y: torch.Tensor, previous: torch.Tensor, *mus: torch.Tensor) -> list[torch.Tensor]:
+    """``y * mu + shift(y) * (1 - mu)`` for each ``mu``: a mixer's token-shifted inputs.
 
-
-def mix(y: torch.Tensor, shifted: torch.Tensor, mu: torch.Tensor) -> torch.Tensor:
-    """``y * mu + shift(y) * (1 - mu)``, per channel."""
-    return shifted + mu * (y - shifted)
+    ``shift(y)`` is ``y`` one token later along T, with ``previous`` ``[B, C]`` entering at position 0.
+    """
+    shifted = torch.cat([previous.to(y.dtype).unsqueeze(1), y[:, :-1]], dim=1)
+    delta = y - shifted
+    return [torch.addcmul(shifted, mu, delta) for mu in mus]
 
 
 @dataclass(frozen=True)
@@ -110,10 +111,8 @@ class TimeMix(nn.Module):
         self, y: torch.Tensor, previous: torch.Tensor, wkv_state: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Mix ``y`` ``[B, T, C]`` given the token before it and the WKV state; returns the new WKV state too."""
-        shifted = token_shift(y, previous)
-        k = self.key(mix(y, shifted, self.time_mix_k))
-        v = self.value(mix(y, shifted, self.time_mix_v))
-        r = self.receptance(mix(y, shifted, self.time_mix_r))
+        mixed_k, mixed_v, mixed_r = shift_mix(y, previous, self.time_mix_k, self.time_mix_v, self.time_mix_r)
+        k, v, r = self.key(mixed_k), self.value(mixed_v), self.receptance(mixed_r)
         wkv_out, wkv_state = wkv(self.time_decay, self.time_first, k, v, wkv_state)
         return self.output(torch.sigmoid(r) * wkv_out), wkv_state
 
@@ -131,9 +130,9 @@ class ChannelMix(nn.Module):
 
     def forward(self, y: torch.Tensor, previous: torch.Tensor) -> torch.Tensor:
         """Mix ``y`` ``[B, T, C]`` given the token before it."""
-        shifted = token_shift(y, previous)
-        k = torch.square(torch.relu(self.key(mix(y, shifted, self.time_mix_k))))
-        return torch.sigmoid(self.receptance(mix(y, shifted, self.time_mix_r))) * self.value(k)
+        mixed_k, mixed_r = shift_mix(y, previous, self.time_mix_k, self.time_mix_r)
+        k = torch.square(torch.relu(self.key(mixed_k)))
+        return torch.sigmoid(self.receptance(mixed_r)) * self.value(k)
 
 
 class Block(nn.Module):
