@@ -61,7 +61,10 @@ def extension(with_cuda: bool | None = None) -> ModuleType:
     return load(
         name="spikegpt_wkv_cuda" if with_cuda else "spikegpt_wkv_cpu",
         sources=[str(s) for s in sources],
-        extra_cflags=["-O3"] + (["-DWITH_CUDA"] if with_cuda else []),
+        # -fopenmp: at::parallel_for splits the channels over threads only when compiled with OpenMP;
+        # -ffast-math: lets GCC vectorise exp/log (glibc's libmvec). The kernels use no inf/NaN.
+        extra_cflags=["-O3", "-ffast-math", "-fopenmp"] + (["-DWITH_CUDA"] if with_cuda else []),
+        extra_ldflags=["-fopenmp"],
         extra_cuda_cflags=["-O3", "-DWITH_CUDA"],
         with_cuda=with_cuda,
         verbose=False,
