@@ -412,7 +412,9 @@ class BucketBatchSampler(Sampler[list[int]]):
         return batches[rank::world]
 
     def __iter__(self) -> Iterator[list[int]]:
-        return iter(self._mine())
+        # A generator: the order is drawn at the first batch, not when the iterator is made. Resuming
+        # from last.ckpt, Lightning makes the loader's iterator before it calls set_epoch.
+        yield from self._mine()
 
     def __len__(self) -> int:
         rank, world = _dist_rank_world()
@@ -434,6 +436,9 @@ def make_loader(dataset, batch_size: int, shuffle: bool, seed: int = 0, num_work
         collate_fn=collate,
         num_workers=num_workers,
         persistent_workers=num_workers > 0,
+        # its own generator: making an iterator then draws no number from the global RNG, which
+        # drives dropout, so a resumed run (whose iterator is made at a different moment) draws the same
+        generator=torch.Generator().manual_seed(seed),
     )
 
 

@@ -18,7 +18,6 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 import yaml
-from lightning.fabric.utilities.seed import _collect_rng_states, _set_rng_states
 from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassAccuracy
 
@@ -151,33 +150,14 @@ def last_token_logits(model: SpikeGPT, ids: torch.Tensor, lengths: torch.Tensor,
 # ----------------------------------------------------------------------------------------------- module
 
 
-def _safe_rng_states() -> dict:
-    """Lightning's RNG states with numpy's array as a list, so ``torch.load(weights_only=True)`` reads them."""
-    states = _collect_rng_states()
-    if "numpy" in states:
-        name, keys, pos, has_gauss, cached = states["numpy"]
-        states["numpy"] = (name, [int(k) for k in keys], int(pos), int(has_gauss), float(cached))
-    return states
-
-
-def _numpy_state_back(states: dict) -> dict:
-    states = dict(states)
-    if "numpy" in states:
-        import numpy as np
-
-        name, keys, pos, has_gauss, cached = states["numpy"]
-        states["numpy"] = (name, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached)
-    return states
-
-
 class SpikeGPTClassifier(L.LightningModule):
     """A SpikeGPT classifier (fully fine-tuned or with adapters) with AdamW and warm-up + linear decay.
 
     Logged per epoch: ``train_loss_epoch``, ``val_loss``, ``val_accuracy``, ``gen_gap`` (validation
     minus training loss) and, with adapters, ``sparsity`` (mean) and ``sparsity/<module>`` measured on
     the validation pass; at test time ``test_loss``, ``test_accuracy``, ``test_sparsity``.
-    :attr:`history` keeps one dict per epoch and travels in the Lightning checkpoint, as do the RNG
-    states, so that a resumed run continues exactly.
+    :attr:`history` keeps one dict per epoch and travels in the Lightning checkpoint; every epoch
+    reseeds the RNG from (seed, epoch, rank), so that a run resumed from ``last.ckpt`` continues exactly.
     """
 
     def __init__(
@@ -334,7 +314,7 @@ class SpikeGPTClassifier(L.LightningModule):
 
     # --- checkpoints
     def on_save_checkpoint(self, checkpoint: dict) -> None:
-        checkpoint["spikegpt_ft"] = {"history": self.history, "rng_states": _safe_rng_states()}
+        checkpoint["spikegpt_ft"] = {"history": self.history}
         if self.drop_frozen:
             frozen = {f"model.{n}" for n, p in self.model.named_parameters() if not p.requires_grad}
             checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k not in frozen}
@@ -344,5 +324,3 @@ class SpikeGPTClassifier(L.LightningModule):
         if extra is None:
             raise ValueError("this Lightning checkpoint was not written by spikegpt-ft training")
         self.history = list(extra.get("history", []))
-        if extra.get("rng_states") is not None:
-            _set_rng_states(_numpy_state_back(extra["rng_states"]))
