@@ -225,3 +225,18 @@ def test_load_classifier_checks_kind_and_base(tmp_path):
     os.remove(base)
     with pytest.raises(FileNotFoundError, match="ridger/SpikeGPT-OpenWebText-216M"):
         load_classifier(run)
+
+
+@pytest.mark.parametrize("task", ["subj", "mr", "sst2", "sst5"])
+@pytest.mark.parametrize("adapter", ["none", "lora", "spikelora"])
+def test_task_configs_hold_the_papers_settings(task, adapter):
+    """Each configs/<task>-<adapter>.yaml is picked up by the real parser and holds the paper's settings."""
+    from spikegpt_ft.train_cli import parse_args
+
+    assert (REPO / "configs" / f"{task}-{adapter}.yaml").is_file()
+    ns = parse_args(["--task", task, "--adapter", adapter])
+    assert (ns.task, ns.adapter) == (task, adapter)
+    assert (ns.warmup_ratio, ns.grad_clip, ns.weight_decay) == (0.06, 1.0, 0.01)
+    assert (ns.rank, ns.alpha, ns.rslora, ns.lora_dropout, ns.v_threshold) == (8, None, True, 0.0, 0.1)
+    assert Path(ns.base) == REPO / "checkpoints" / "SpikeGPT-216M.pth"
+    assert parse_args(["--task", task, "--adapter", adapter, "--lr", "0.123"]).lr == 0.123  # flags win
