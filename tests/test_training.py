@@ -119,10 +119,19 @@ def test_end_to_end_fine_tune(runs, adapter):
         assert (run_dir / name).is_file(), name
     assert (run_dir / "adapter.safetensors").is_file() == (adapter != "none")
     assert list(run_dir.glob("logs/version_0/metrics.csv"))
-    # the exported weights reproduce the test accuracy through load_classifier
     model, info = load_classifier(run_dir)
     assert info["task"] == "subj" and info["labels"] == ["objective", "subjective"] and info["adapter"] == adapter
     assert not model.training
+    # infer.py on the run: held-out sentences classified token by token and in parallel, the same answers
+    evaluated = subprocess.run(
+        [sys.executable, str(REPO / "infer.py"), "--checkpoint", str(run_dir), "--evaluate", "--json",
+         "--max-eval-samples", "200"],
+        cwd=REPO, capture_output=True, text=True, timeout=240,
+    )  # fmt: skip
+    assert evaluated.returncode == 0, evaluated.stderr[-3000:]
+    report = json.loads(evaluated.stdout.strip().splitlines()[-1])
+    assert report["n"] == 200 and report["agreement"] >= 0.999
+    assert report["recurrent_accuracy"] == report["parallel_accuracy"] > 0.6, report  # chance is 0.5
 
 
 @pytest.mark.slow
