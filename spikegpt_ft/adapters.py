@@ -35,9 +35,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 import re
-import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -46,6 +44,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .files import atomic_save_safetensors
 from .model import SpikeGPT, SpikeGPTConfig, fire, make_lif
 
 #: Kinds of adapter.
@@ -443,7 +442,6 @@ def save_adapters(model: SpikeGPT, path: str | Path, extra_metadata: Mapping[str
     if config is None:
         raise ValueError("this model has no adapters to save; call attach_adapters first")
     _check_unmerged(model, "save_adapters")
-    from safetensors.torch import save_file
 
     if extra_metadata is not None and not all(isinstance(k, str) for k in extra_metadata):
         raise ValueError("extra_metadata keys must be strings")
@@ -459,19 +457,7 @@ def save_adapters(model: SpikeGPT, path: str | Path, extra_metadata: Mapping[str
         "head": json.dumps(_head_info(model.head)),
         "extra": json.dumps(dict(extra_metadata or {})),
     }
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata=metadata)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return atomic_save_safetensors(tensors, path, metadata)
 
 
 def _raw_metadata(path: Path) -> dict[str, str]:

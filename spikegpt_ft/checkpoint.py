@@ -18,8 +18,6 @@ two weight files. Every file is written to a temporary name and renamed into pla
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from collections.abc import Mapping
 from dataclasses import asdict
 from pathlib import Path
@@ -27,6 +25,7 @@ from pathlib import Path
 import torch
 
 from . import adapters as ad
+from .files import atomic_save_safetensors, atomic_write_json
 from .model import SpikeGPT, SpikeGPTConfig, load_model
 
 RUN_CONFIG = "run_config.json"
@@ -35,51 +34,6 @@ ADAPTER_FILE = "adapter.safetensors"
 RUN_FORMAT = "spikegpt-ft-run"
 CLASSIFIER_FORMAT = "spikegpt-ft-classifier"
 RUN_VERSION = 1
-
-
-def _umask_mode() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return 0o666 & ~mask
-
-
-def atomic_write_text(path: str | Path, text: str) -> Path:
-    """Write ``text`` to ``path`` through a temporary file in the same folder and ``os.replace``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, _umask_mode())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
-
-
-def atomic_write_json(path: str | Path, data: Mapping) -> Path:
-    """:func:`atomic_write_text` of ``data`` as indented JSON."""
-    return atomic_write_text(path, json.dumps(data, indent=2, sort_keys=False, default=str) + "\n")
-
-
-def _save_safetensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:
-    from safetensors.torch import save_file
-
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata=metadata)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.chmod(tmp, _umask_mode())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def export_run(model: SpikeGPT, run_dir: str | Path, run_config: Mapping) -> list[Path]:
@@ -107,7 +61,7 @@ def export_run(model: SpikeGPT, run_dir: str | Path, run_config: Mapping) -> lis
         written.append(ad.save_adapters(model, run_dir / ADAPTER_FILE, extra_metadata={"run_config": meta_json}))
     if MODEL_FILE in cfg["weights"]:
         tensors = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-        _save_safetensors(tensors, run_dir / MODEL_FILE, {"format": CLASSIFIER_FORMAT, "run_config": meta_json})
+        atomic_save_safetensors(tensors, run_dir / MODEL_FILE, {"format": CLASSIFIER_FORMAT, "run_config": meta_json})
         written.append(run_dir / MODEL_FILE)
     written.append(atomic_write_json(run_dir / RUN_CONFIG, cfg))
     return written

@@ -171,8 +171,9 @@ def run_one(cfg: dict, seed: int, run_dir: Path) -> dict | None:
     from lightning.pytorch.loggers import CSVLogger
 
     from . import adapters as ad
-    from .checkpoint import atomic_write_json, export_run
+    from .checkpoint import export_run
     from .data import PAD_ID, TaskDataModule, get_task
+    from .files import atomic_write_json
     from .training import SpikeGPTClassifier, build_classifier
 
     spec = get_task(cfg["task"])
