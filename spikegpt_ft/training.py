@@ -323,4 +323,6 @@ class SpikeGPTClassifier(L.LightningModule):
         extra = checkpoint.get("spikegpt_ft")
         if extra is None:
             raise ValueError("this Lightning checkpoint was not written by spikegpt-ft training")
-        self.history = list(extra.get("history", []))
+        if self._trainer is None or self.trainer.state.fn == "fit":
+            # resuming: the epochs run so far; testing the best checkpoint keeps the full history
+            self.history = list(extra.get("history", []))
