@@ -368,6 +368,7 @@ class BucketBatchSampler(Sampler[list[int]]):
     batches (the list is wrapped round to a multiple of the world size). Evaluation (``shuffle=False``):
     batches of sorted lengths, each rank a disjoint share, nothing repeated. Lightning calls
     :meth:`set_epoch`; the order depends on nothing else, so a resumed run sees the same order.
+    :meth:`skip` makes the next pass start after the batches an interrupted run already trained on.
     """
 
     def __init__(self, lengths: Sequence[int], batch_size: int, shuffle: bool, seed: int = 0, pool: int = 50):
@@ -377,9 +378,20 @@ class BucketBatchSampler(Sampler[list[int]]):
         self.seed = seed
         self.pool = pool
         self.epoch = 0
+        #: batches the next pass leaves out (see :meth:`skip`)
+        self.skipping = 0
 
     def set_epoch(self, epoch: int) -> None:
+        """Draw the order of ``epoch`` from the next pass on (Lightning calls this before every epoch)."""
+        if epoch != self.epoch:
+            self.skipping = 0  # a skip belongs to the epoch it was set for
         self.epoch = epoch
+
+    def skip(self, n_batches: int) -> None:
+        """Leave out the first ``n_batches`` of the next pass (they were trained on before an interruption)."""
+        if not 0 <= n_batches <= len(self):
+            raise ValueError(f"cannot skip {n_batches} batches of an epoch of {len(self)}")
+        self.skipping = n_batches
 
     @property
     def sampler(self) -> BucketBatchSampler:
@@ -412,9 +424,10 @@ class BucketBatchSampler(Sampler[list[int]]):
         return batches[rank::world]
 
     def __iter__(self) -> Iterator[list[int]]:
-        # A generator: the order is drawn at the first batch, not when the iterator is made. Resuming
-        # from last.ckpt, Lightning makes the loader's iterator before it calls set_epoch.
-        yield from self._mine()
+        # A generator: the order is drawn at the first batch, not when the iterator is made (Lightning
+        # makes the first iterator of a fit before its set_epoch; ResumableLoader restores the epoch too)
+        skip, self.skipping = self.skipping, 0
+        yield from self._mine()[skip:]
 
     def __len__(self) -> int:
         rank, world = _dist_rank_world()
@@ -426,11 +439,56 @@ class BucketBatchSampler(Sampler[list[int]]):
         return len(range(rank, total, world))
 
 
+class ResumableLoader(DataLoader):
+    """A DataLoader over a :class:`BucketBatchSampler` that Lightning checkpoints and restores.
+
+    Lightning stores ``state_dict()`` of every training loader that has one in its checkpoint and
+    hands it back through ``load_state_dict`` before it makes the loader's first iterator of a resumed
+    fit (and before it calls ``set_epoch``). The state is the sampler's epoch and how many batches of it
+    were handed out; Lightning does not read ahead of a loader that has a length, so that is how many
+    were trained on. Restored, the next pass continues that epoch after them, or, when the epoch was
+    finished, starts the next one. Without this, a loader with worker processes, which draws its batch
+    indices as soon as its iterator is made, would replay the epoch before the interruption.
+    Hand-written because torchdata's StatefulDataLoader, which does this generically, is not a
+    dependency, and the state is two integers.
+    """
+
+    def __init__(self, dataset, batch_sampler: BucketBatchSampler, **kwargs):
+        super().__init__(dataset, batch_sampler=batch_sampler, **kwargs)
+        self._taken = 0
+
+    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        self._taken = self.batch_sampler.skipping
+        for batch in super().__iter__():
+            self._taken += 1
+            yield batch
+
+    def state_dict(self) -> dict[str, int]:
+        """Where the training order stands: ``epoch`` and ``batches`` handed out in it (of ``length``)."""
+        sampler = self.batch_sampler
+        return {"epoch": sampler.epoch, "batches": self._taken, "length": len(sampler), "seed": sampler.seed}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        """Continue from :meth:`state_dict`'s position; a state of another data set or seed is an error."""
+        sampler = self.batch_sampler
+        if state.get("length") != len(sampler) or state.get("seed") != sampler.seed:
+            raise ValueError(
+                f"the checkpoint's training data ({state.get('length')} batches per epoch, seed {state.get('seed')}) "
+                f"is not this run's ({len(sampler)} batches, seed {sampler.seed}): resume with the same data options"
+            )
+        epoch, taken = int(state["epoch"]), int(state["batches"])
+        if taken >= len(sampler):
+            epoch, taken = epoch + 1, 0
+        sampler.set_epoch(epoch)
+        sampler.skip(taken)
+        self._taken = taken
+
+
 def make_loader(dataset, batch_size: int, shuffle: bool, seed: int = 0, num_workers: int = 0) -> DataLoader:
-    """A DataLoader of right-padded, length-bucketed batches over a tokenised split."""
+    """A DataLoader of right-padded, length-bucketed batches over a tokenised split (resumable when shuffled)."""
     sampler = BucketBatchSampler(dataset["length"], batch_size, shuffle=shuffle, seed=seed)
     columns = dataset.select_columns(["input_ids", "label"])
-    return DataLoader(
+    return (ResumableLoader if shuffle else DataLoader)(
         columns,
         batch_sampler=sampler,
         collate_fn=collate,

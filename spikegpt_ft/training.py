@@ -15,6 +15,7 @@ from collections.abc import Mapping
 from pathlib import Path
 
 import lightning as L
+import numpy as np
 import torch
 import torch.nn.functional as F
 import yaml
@@ -156,8 +157,10 @@ class SpikeGPTClassifier(L.LightningModule):
     Logged per epoch: ``train_loss_epoch``, ``val_loss``, ``val_accuracy``, ``gen_gap`` (validation
     minus training loss) and, with adapters, ``sparsity`` (mean) and ``sparsity/<module>`` measured on
     the validation pass; at test time ``test_loss``, ``test_accuracy``, ``test_sparsity``.
-    :attr:`history` keeps one dict per epoch and travels in the Lightning checkpoint; every epoch
-    reseeds the RNG from (seed, epoch, rank), so that a run resumed from ``last.ckpt`` continues exactly.
+    :attr:`history` keeps one dict per epoch and travels in the Lightning checkpoint. A run resumed from
+    ``last.ckpt`` continues exactly: the training loader restores its place in the data order
+    (:class:`~spikegpt_ft.data.ResumableLoader`) and every training batch draws its random numbers
+    (dropout) from a seed of (seed, epoch, batch, rank) alone, not from wherever the RNG stood.
     """
 
     def __init__(
@@ -181,10 +184,12 @@ class SpikeGPTClassifier(L.LightningModule):
         # the frozen official base is not written into Lightning checkpoints; it comes from --base
         self.strict_loading = not drop_frozen_from_checkpoint
         self.train_loss = MeanMetric()
+        self.train_loss.persistent(True)  # a run resumed mid-epoch keeps the loss of the batches before it
         self.val_loss, self.test_loss = MeanMetric(), MeanMetric()
         self.val_acc = MulticlassAccuracy(n_classes, average="micro")
         self.test_acc = MulticlassAccuracy(n_classes, average="micro")
         self.history: list[dict] = []
+        self._loader_state: dict | None = None  # the train loader's place, from the checkpoint resumed
         self.test_results: dict = {}
         self._epoch_start = 0.0
         self._train_time = 0.0
@@ -193,13 +198,29 @@ class SpikeGPTClassifier(L.LightningModule):
         return last_token_logits(self.model, batch["input_ids"], batch["lengths"], batch.get("mask"))
 
     # --- training
+    def on_train_start(self) -> None:
+        self._epoch_start = time.perf_counter()  # for an epoch resumed in the middle (no epoch start)
+        if self._loader_state is not None:
+            # Lightning keeps the loader's state_dict in its checkpoint too, but when configure_optimizers
+            # asks for estimated_stepping_batches (as here) it makes the train loader before the checkpoint's
+            # loop states are restored and never hands that state back. So the module carries it and
+            # restores it here, after the restore and before the loader's first batch (it draws its order
+            # lazily); loading the same state twice changes nothing.
+            self.trainer.train_dataloader.load_state_dict(self._loader_state)
+            self._loader_state = None
+
     def on_train_epoch_start(self) -> None:
-        # the random draws of an epoch (dropout) depend on (seed, epoch, rank) only, so that a run resumed
-        # from last.ckpt repeats them exactly whatever Lightning drew while restoring
-        L.seed_everything(self.hparams.seed * 100003 + self.current_epoch * 1009 + self.global_rank, verbose=False)
+        # not called for the epoch a run resumed in the middle of: its loss so far came with the checkpoint
         self.train_loss.reset()
         self._epoch_start = time.perf_counter()
         self._train_time = 0.0
+
+    def on_train_batch_start(self, batch, batch_idx: int) -> None:
+        # The random draws of a batch (dropout) depend on (seed, epoch, batch, rank) only, so that a run
+        # resumed from any checkpoint repeats them whatever the RNG drew while restoring; SeedSequence
+        # keeps the streams of different batches apart.
+        key = [self.hparams.seed, self.current_epoch, batch_idx, self.global_rank]
+        torch.manual_seed(int(np.random.SeedSequence(key).generate_state(1, np.uint64)[0] >> 1))
 
     def training_step(self, batch, batch_idx):
         logits = self(batch)
@@ -228,12 +249,16 @@ class SpikeGPTClassifier(L.LightningModule):
     def _sparsity(self) -> dict[str, float]:
         if not self.has_adapters:
             return {}
-        values = ad.sparsity(self.model)
-        if self.trainer.world_size > 1:  # each rank counted its share: average the fractions
-            t = torch.tensor([values[k] for k in values], device=self.device, dtype=torch.float64)
-            t = self.all_gather(t).reshape(-1, len(values)).mean(0)
-            values = dict(zip(values, t.tolist(), strict=True))
-        return values
+        if self.trainer.world_size > 1:
+            # each rank counted the zeros and tokens of its share: sum the counts (not the fractions, the
+            # shares hold different numbers of tokens), so that every rank reports the whole set's figure
+            modules = list(ad.adapter_modules(self.model).values())
+            counts = torch.stack([torch.stack([m.sparsity_zeros, m.sparsity_total]) for m in modules]).double()
+            counts = self.trainer.strategy.reduce(counts, reduce_op="sum")
+            for m, (zeros, total) in zip(modules, counts, strict=True):
+                m.sparsity_zeros.copy_(zeros)
+                m.sparsity_total.copy_(total)
+        return ad.sparsity(self.model)
 
     def on_validation_epoch_end(self) -> None:
         if self.trainer.sanity_checking:
@@ -315,6 +340,9 @@ class SpikeGPTClassifier(L.LightningModule):
     # --- checkpoints
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["spikegpt_ft"] = {"history": self.history}
+        loader = self.trainer.train_dataloader if self._trainer is not None else None
+        if hasattr(loader, "state_dict"):
+            checkpoint["spikegpt_ft"]["train_loader"] = loader.state_dict()
         if self.drop_frozen:
             frozen = {f"model.{n}" for n, p in self.model.named_parameters() if not p.requires_grad}
             checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k not in frozen}
@@ -326,3 +354,4 @@ class SpikeGPTClassifier(L.LightningModule):
         if self._trainer is None or self.trainer.state.fn == "fit":
             # resuming: the epochs run so far; testing the best checkpoint keeps the full history
             self.history = list(extra.get("history", []))
+            self._loader_state = extra.get("train_loader")

@@ -126,6 +126,58 @@ def test_bucket_sampler_covers_everything_and_is_reproducible():
     assert sorted(i for b in ev for i in b) == list(range(203))
 
 
+def _toy_split(n: int = 50):
+    from datasets import Dataset
+
+    g = torch.Generator().manual_seed(0)
+    lengths = torch.randint(1, 9, (n,), generator=g).tolist()
+    ids = [list(range(10 + i, 10 + i + k)) for i, k in enumerate(lengths)]
+    return Dataset.from_dict({"input_ids": ids, "label": [i % 2 for i in range(n)], "length": lengths})
+
+
+def _labels_of(batches) -> list[list[int]]:
+    return [b["input_ids"][:, 0].tolist() for b in batches]  # first token = 10 + example index
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_training_loader_state_continues_where_it_stopped(workers):
+    """The state Lightning checkpoints brings a fresh loader to the same place of the same epoch's order."""
+    split = _toy_split()
+    ref = data.make_loader(split, 4, shuffle=True, seed=3, num_workers=workers)
+    ref.batch_sampler.set_epoch(1)
+    epoch1 = _labels_of(ref)
+    ref.batch_sampler.set_epoch(2)
+    epoch2 = _labels_of(ref)
+    assert len(epoch1) == 13 and epoch1 != epoch2
+
+    run = data.make_loader(split, 4, shuffle=True, seed=3, num_workers=workers)
+    run.batch_sampler.set_epoch(1)
+    it = iter(run)
+    seen = [next(it) for _ in range(5)]
+    mid = run.state_dict()
+    assert mid == {"epoch": 1, "batches": 5, "length": 13, "seed": 3} and _labels_of(seen) == epoch1[:5]
+    rest = _labels_of(it)
+    assert rest == epoch1[5:]
+    end = run.state_dict()
+    assert end["batches"] == 13
+
+    resumed = data.make_loader(split, 4, shuffle=True, seed=3, num_workers=workers)
+    resumed.load_state_dict(mid)  # interrupted in the middle: the rest of epoch 1
+    resumed.batch_sampler.set_epoch(1)  # Lightning sets the epoch again afterwards: no effect
+    assert _labels_of(resumed) == epoch1[5:] and resumed.state_dict()["batches"] == 13
+    resumed = data.make_loader(split, 4, shuffle=True, seed=3, num_workers=workers)
+    resumed.load_state_dict(end)  # interrupted after the epoch: epoch 2 from its start
+    assert _labels_of(resumed) == epoch2
+
+    with pytest.raises(ValueError, match="same data options"):
+        data.make_loader(split, 4, shuffle=True, seed=4).load_state_dict(mid)
+    with pytest.raises(ValueError, match="same data options"):
+        data.make_loader(split, 8, shuffle=True, seed=3).load_state_dict(mid)
+    with pytest.raises(ValueError, match="cannot skip 14 batches"):
+        run.batch_sampler.skip(14)
+    assert not hasattr(data.make_loader(split, 4, shuffle=False), "state_dict")  # evaluation is not resumed
+
+
 def _write(path: Path, data: bytes) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_bytes(data)
