@@ -73,9 +73,6 @@ INPUT_OF = {
 }
 EMBEDDING_RATE = "embedding"  # key of the binary embedding's rate (fraction of ones of H(E[ids]))
 
-DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "subj"
-DEFAULT_TOKENIZER = Path(__file__).resolve().parents[2] / "shared" / "tokenizer" / "20B_tokenizer.json"
-
 
 def energy_joules(macs: float, acs: float) -> float:
     """``4.6 pJ x MACs + 0.9 pJ x ACs``."""
@@ -253,15 +250,18 @@ def read_texts(data_dir: Path) -> list[str]:
     return [t for t in texts if t.strip()]
 
 
-def token_chunks(data_dir: Path, tokenizer_path: Path, chunks: int, tokens: int, vocab: int) -> torch.Tensor:
-    """``[chunks, tokens]`` ids: the data's sentences interleaved across files, joined by newlines, cut into chunks."""
-    from tokenizers import Tokenizer
+def token_chunks(data_dir: Path, tokenizer_path: Path | None, chunks: int, tokens: int, vocab: int) -> torch.Tensor:
+    """``[chunks, tokens]`` ids: the data's sentences interleaved across files, joined by newlines, cut into chunks.
+
+    ``tokenizer_path`` ``None`` looks in the training code's places (``data/``, ``../shared/tokenizer/``).
+    """
+    from .data import load_tokenizer
 
     texts = read_texts(data_dir)
     # interleave the files' sentences (e.g. subjective / objective) so that a short read sees both
     half = len(texts) // 2
     mixed = [t for pair in zip(texts[:half], texts[half:], strict=False) for t in pair] or texts
-    tok = Tokenizer.from_file(str(tokenizer_path))
+    tok = load_tokenizer(tokenizer_path)
     ids: list[int] = []
     for t in mixed:
         ids += tok.encode(t + "\n").ids
@@ -364,8 +364,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rank", type=int, default=8, help="adapter rank r (SpikeLoRA paper default 8)")
     p.add_argument("--v-threshold", type=float, default=0.1, help="SpikeLoRA gate threshold (fresh adapters)")
     p.add_argument("--rates", type=Path, help="JSON of spike rates (skip measuring)")
-    p.add_argument("--data-dir", type=Path, default=DEFAULT_DATA)
-    p.add_argument("--tokenizer", type=Path, default=DEFAULT_TOKENIZER)
+    p.add_argument("--data-dir", type=Path, help="text files for the rates (default: Subj, where train.py finds it)")
+    p.add_argument("--tokenizer", type=Path, help="20B_tokenizer.json (default: where train.py finds it)")
     p.add_argument("--chunks", type=int, default=8, help="sequences of text to measure the rates on")
     p.add_argument("--tokens", type=int, default=128, help="tokens per sequence")
     p.add_argument("--json", type=Path)
@@ -391,9 +391,12 @@ def _measure(args: argparse.Namespace) -> tuple[SpikeGPTConfig, dict[str, float]
         load_adapters(model, args.adapter_file)
     else:  # fresh SpikeLoRA (B = 0, so the base output is unchanged) to measure its gates
         attach_adapters(model, kind="spikelora", r=args.rank, v_threshold=args.v_threshold)
-    ids = token_chunks(args.data_dir, args.tokenizer, args.chunks, args.tokens, model.config.vocab_size)
+    from .data import find_data_dir
+
+    data_dir = args.data_dir or find_data_dir("subj")
+    ids = token_chunks(data_dir, args.tokenizer, args.chunks, args.tokens, model.config.vocab_size)
     rates = measure_rates(model, ids)
-    source = f"measured on {args.chunks} x {args.tokens} tokens of {args.data_dir} ({source})"
+    source = f"measured on {args.chunks} x {args.tokens} tokens of {data_dir} ({source})"
     return model.config, rates, model.adapter_config.r, source
 
 
