@@ -18,7 +18,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import resource
 import sys
 import time
 from pathlib import Path
@@ -155,15 +154,6 @@ def _devices(value: str):
         return value
 
 
-def _peak_memory_mb() -> tuple[float, str]:
-    import torch
-
-    if torch.cuda.is_available() and torch.cuda.max_memory_allocated() > 0:
-        return torch.cuda.max_memory_allocated() / 2**20, "cuda_max_memory_allocated"
-    rss_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # kilobytes on Linux
-    return rss_kb / 1024, "cpu_max_rss"
-
-
 def run_one(cfg: dict, seed: int, run_dir: Path) -> dict | None:
     """Train, select, test and export one seed into ``run_dir``; returns the metrics (rank 0) or None."""
     import lightning as L
@@ -171,6 +161,7 @@ def run_one(cfg: dict, seed: int, run_dir: Path) -> dict | None:
     from lightning.pytorch.loggers import CSVLogger
 
     from . import adapters as ad
+    from .bench import peak_memory_mb
     from .checkpoint import export_run
     from .data import PAD_ID, TaskDataModule, get_task
     from .files import atomic_write_json
@@ -257,7 +248,7 @@ def run_one(cfg: dict, seed: int, run_dir: Path) -> dict | None:
     export_run(module.model, run_dir, run_config)
     history = module.history
     best = max(history, key=lambda h: h["val_accuracy"]) if history else {}
-    peak, peak_kind = _peak_memory_mb()
+    peak, peak_kind = peak_memory_mb(module.device)
     test = module.test_results
     metrics = {
         "task": cfg["task"],
