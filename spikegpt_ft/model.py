@@ -66,6 +66,17 @@ def shift_mix(y: torch.Tensor, previous: torch.Tensor, *mus: torch.Tensor) -> li
     return [torch.addcmul(shifted, mu, delta) for mu in mus]
 
 
+def check_token_ids(ids: torch.Tensor, vocab_size: int) -> None:
+    """Raise a ``ValueError`` naming the first bad id if any of ``ids`` is outside ``[0, vocab_size)``.
+
+    Reads the ids' bounds on the host: free for CPU tensors, one sync for GPU ones.
+    """
+    lo, hi = torch.stack(torch.aminmax(ids)).tolist()
+    if lo < 0 or hi >= vocab_size:
+        bad = hi if hi >= vocab_size else lo
+        raise ValueError(f"token id {bad} is outside the vocabulary [0, {vocab_size})")
+
+
 @dataclass(frozen=True)
 class SpikeGPTConfig:
     """Sizes of a SpikeGPT, all readable from a state dict."""
@@ -203,32 +214,40 @@ class SpikeGPT(nn.Module):
             signature=self.state_signature(nodes),
         )
 
-    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+    # ``check_ids=False`` skips the range check of the token ids, which on a GPU costs a host-device
+    # sync; for callers that checked their ids already (the training loop checks each batch on the host,
+    # before it is copied) and for CUDA-graph capture, where a sync is not allowed.
+
+    def forward(self, ids: torch.Tensor, *, check_ids: bool = True) -> torch.Tensor:
         """Logits ``[B, T, head_out]`` for token ids ``[B, T]`` from a fresh state (parallel mode)."""
-        return self._run(ids, None)[0]
+        return self._run(ids, None, check_ids)[0]
 
-    def prefill(self, ids: torch.Tensor, state: RecurrentState) -> tuple[torch.Tensor, RecurrentState]:
+    def prefill(
+        self, ids: torch.Tensor, state: RecurrentState, *, check_ids: bool = True
+    ) -> tuple[torch.Tensor, RecurrentState]:
         """Parallel pass over ``ids`` ``[B, T]`` continuing from ``state``; returns logits and the next state."""
-        return self._run(ids, state)
+        return self._run(ids, state, check_ids)
 
-    def step(self, tokens: torch.Tensor, state: RecurrentState) -> tuple[torch.Tensor, RecurrentState]:
+    def step(
+        self, tokens: torch.Tensor, state: RecurrentState, *, check_ids: bool = True
+    ) -> tuple[torch.Tensor, RecurrentState]:
         """One token per sequence (``tokens`` ``[B]``); returns logits ``[B, head_out]`` and the next state."""
         if tokens.dim() != 1:
             raise ValueError(f"step takes one token per sequence, shape [B]; got shape {tuple(tokens.shape)}")
-        logits, state = self._run(tokens.unsqueeze(1), state)
+        logits, state = self._run(tokens.unsqueeze(1), state, check_ids)
         return logits[:, 0], state
 
-    def _check(self, ids: torch.Tensor, state: RecurrentState | None, nodes: Mapping[str, neuron.LIFNode]) -> None:
+    def _check(
+        self, ids: torch.Tensor, state: RecurrentState | None, nodes: Mapping[str, neuron.LIFNode], check_ids: bool
+    ) -> None:
         if ids.dim() != 2:
             raise ValueError(f"token ids must have shape [B, T], got {tuple(ids.shape)}")
         if ids.dtype not in (torch.int64, torch.int32):
             raise ValueError(f"token ids must be integers (int64), got {ids.dtype}")
         if ids.shape[0] == 0 or ids.shape[1] == 0:
             raise ValueError(f"empty input: token ids of shape {tuple(ids.shape)}; give at least one token")
-        lo, hi = torch.stack(torch.aminmax(ids)).tolist()  # one host sync for both bounds
-        if lo < 0 or hi >= self.config.vocab_size:
-            bad = hi if hi >= self.config.vocab_size else lo
-            raise ValueError(f"token id {bad} is outside the vocabulary [0, {self.config.vocab_size})")
+        if check_ids:
+            check_token_ids(ids, self.config.vocab_size)
         if state is None:
             return
         if not isinstance(state, RecurrentState):
@@ -241,9 +260,11 @@ class SpikeGPT(nn.Module):
         if state.batch_size != ids.shape[0]:
             raise ValueError(f"state holds {state.batch_size} sequences but {ids.shape[0]} were given")
 
-    def _run(self, ids: torch.Tensor, state: RecurrentState | None) -> tuple[torch.Tensor, RecurrentState]:
+    def _run(
+        self, ids: torch.Tensor, state: RecurrentState | None, check_ids: bool
+    ) -> tuple[torch.Tensor, RecurrentState]:
         nodes = self.lif_nodes()
-        self._check(ids, state, nodes)
+        self._check(ids, state, nodes, check_ids)
         state = state or self.init_state(ids.shape[0])
         for name, node in nodes.items():
             node.reset()

@@ -24,7 +24,7 @@ from torchmetrics.classification import MulticlassAccuracy
 
 from . import adapters as ad
 from .data import REPO_ROOT
-from .model import SpikeGPT, SpikeGPTConfig, load_model
+from .model import SpikeGPT, SpikeGPTConfig, check_token_ids, load_model
 
 #: The vocabulary of the GPT-NeoX-20B tokenizer as SpikeGPT uses it.
 VOCAB_SIZE = 50277
@@ -136,12 +136,13 @@ def last_token_logits(model: SpikeGPT, ids: torch.Tensor, lengths: torch.Tensor,
     """Logits ``[B, n_classes]`` at each sequence's last real token of a right-padded batch.
 
     ``mask`` ``[B, T]`` (real tokens) goes to the adapters' sparsity count when the model has adapters.
+    The ids are not range-checked here: :class:`SpikeGPTClassifier` checks each batch on the host.
     """
     has_adapters = getattr(model, "adapter_config", None) is not None
     if has_adapters:
         ad.set_token_mask(model, mask)
     try:
-        logits = model(ids)
+        logits = model(ids, check_ids=False)  # checked on the host by the classifier's on_before_batch_transfer
     finally:
         if has_adapters:
             ad.set_token_mask(model, None)
@@ -196,6 +197,11 @@ class SpikeGPTClassifier(L.LightningModule):
 
     def forward(self, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
         return last_token_logits(self.model, batch["input_ids"], batch["lengths"], batch.get("mask"))
+
+    def on_before_batch_transfer(self, batch, dataloader_idx: int):
+        # the token ids' range is checked here, on the host, so that no step waits on the GPU for it
+        check_token_ids(batch["input_ids"], self.model.config.vocab_size)
+        return batch
 
     # --- training
     def on_train_start(self) -> None:

@@ -15,60 +15,12 @@ constant (truncated back-propagation at the point where a state is passed in).
 
 from __future__ import annotations
 
-import functools
-import logging
-import os
-from pathlib import Path
-from types import ModuleType
-
 import torch
 
-log = logging.getLogger(__name__)
-
-#: Where the kernel sources live (the repository's ``cuda_ext/``); override with SPIKEGPT_FT_CUDA_EXT.
-KERNEL_DIR = Path(os.environ.get("SPIKEGPT_FT_CUDA_EXT", Path(__file__).resolve().parents[1] / "cuda_ext"))
+from .extension import extension
 
 #: ``p`` of a fresh state: "minus infinity" that stays finite under addition.
 FRESH_EXPONENT = -1e38
-
-
-def _cuda_buildable() -> bool:
-    from torch.utils.cpp_extension import CUDA_HOME
-
-    return torch.cuda.is_available() and torch.version.cuda is not None and CUDA_HOME is not None
-
-
-@functools.cache
-def extension(with_cuda: bool | None = None) -> ModuleType:
-    """Build (once per machine, cached by ninja) and import the WKV extension.
-
-    torch.utils.cpp_extension keys the build directory on the sources and flags, rebuilds only
-    when they change, and holds a file lock so that a second process waits rather than rebuilds.
-    """
-    from torch.utils.cpp_extension import load
-
-    with_cuda = _cuda_buildable() if with_cuda is None else with_cuda
-    sources = [KERNEL_DIR / "wkv_ops.cpp", KERNEL_DIR / "wkv_cpu.cpp"]
-    if with_cuda:
-        sources.append(KERNEL_DIR / "wkv_cuda.cu")
-    missing = [str(s) for s in sources if not s.is_file()]
-    if missing:
-        raise FileNotFoundError(
-            f"WKV kernel sources not found: {missing}. Install the project editable "
-            "(pip install -e .) from its repository, or point SPIKEGPT_FT_CUDA_EXT at its cuda_ext/."
-        )
-    log.info("loading the WKV extension (the first use on a machine compiles it, about a minute)")
-    return load(
-        name="spikegpt_wkv_cuda" if with_cuda else "spikegpt_wkv_cpu",
-        sources=[str(s) for s in sources],
-        # -fopenmp: at::parallel_for splits the channels over threads only when compiled with OpenMP;
-        # -ffast-math: lets GCC vectorise exp/log (glibc's libmvec). The kernels use no inf/NaN.
-        extra_cflags=["-O3", "-ffast-math", "-fopenmp"] + (["-DWITH_CUDA"] if with_cuda else []),
-        extra_ldflags=["-fopenmp"],
-        extra_cuda_cflags=["-O3", "-DWITH_CUDA"],
-        with_cuda=with_cuda,
-        verbose=False,
-    )
 
 
 def _on_device(kernel, *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
@@ -85,7 +37,7 @@ class WKVFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, w, u, k, v, state):  # noqa: D102 - autograd protocol
-        y, log_den, state_out = _on_device(extension().forward, w, u, k, v, state)
+        y, log_den, state_out = _on_device(extension().wkv_forward, w, u, k, v, state)
         ctx.save_for_backward(w, u, k, v, y, log_den, state)
         ctx.mark_non_differentiable(state_out)
         return y, state_out
@@ -93,7 +45,7 @@ class WKVFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_y, _grad_state):  # noqa: D102 - autograd protocol
         w, u, k, v, y, log_den, state = ctx.saved_tensors
-        gw, gu, gk, gv = _on_device(extension().backward, w, u, k, v, y, log_den, grad_y.contiguous(), state)
+        gw, gu, gk, gv = _on_device(extension().wkv_backward, w, u, k, v, y, log_den, grad_y.contiguous(), state)
         return gw.sum(0), gu.sum(0), gk.to(k.dtype), gv.to(v.dtype), None
 
 

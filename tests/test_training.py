@@ -86,6 +86,34 @@ def test_padding_never_influences_a_prediction(shared, adapter):
         assert counted == single
 
 
+def test_training_step_checks_ids_on_the_host_and_never_syncs(monkeypatch):
+    """Out-of-vocabulary ids are refused before the batch is copied to the device; the step itself then
+    runs without the range check (on a GPU, its only host-device sync)."""
+    from spikegpt_ft.training import SpikeGPTClassifier
+
+    torch.manual_seed(0)
+    model, _ = build_classifier("scratch", 2, "lora", TINY)
+    module = SpikeGPTClassifier(model, 2, "lora")
+    vocab = model.config.vocab_size
+    ids = torch.randint(0, vocab, (2, 5))
+    batch = {"input_ids": ids, "lengths": torch.tensor([5, 3]), "mask": torch.ones(2, 5, dtype=torch.bool),
+             "labels": torch.tensor([0, 1])}  # fmt: skip
+    assert module.on_before_batch_transfer(batch, 0) is batch
+    bad = {**batch, "input_ids": ids.clone().index_fill_(1, torch.tensor([2]), vocab)}
+    with pytest.raises(ValueError, match=f"token id {vocab} is outside the vocabulary"):
+        module.on_before_batch_transfer(bad, 0)
+
+    def no_sync(*args, **kwargs):
+        raise AssertionError("the training step read token-id bounds (a host sync on a GPU)")
+
+    monkeypatch.setattr(torch, "aminmax", no_sync)
+    monkeypatch.setattr(module, "log", lambda *a, **k: None)  # no trainer attached
+    loss = module.training_step(batch, 0)
+    loss.backward()
+    assert torch.isfinite(loss)
+    assert all(p.grad is None for n, p in model.named_parameters() if "lora_" not in n and not n.startswith("head"))
+
+
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     """One real train.py run per adapter (module-wide, shared by the tests below)."""

@@ -12,7 +12,8 @@ import pytest
 import torch
 from torch.utils.cpp_extension import include_paths
 
-from spikegpt_ft.wkv import KERNEL_DIR, fresh_state, wkv
+from spikegpt_ft.extension import CUDA_SOURCES, KERNEL_DIR
+from spikegpt_ft.wkv import fresh_state, wkv
 
 
 def direct_wkv(time_decay, time_first, k, v, state=None):
@@ -128,17 +129,18 @@ def _cuda_include() -> str:
 def test_cuda_sources_compile(tmp_path):
     """Nothing built from the CUDA sources runs without a GPU, but they must compile: the kernels
     with nvcc alone, the bindings WITH_CUDA against the installed torch headers."""
-    kernels = subprocess.run(
-        ["nvcc", "-c", "-O3", "-std=c++17", "-arch=sm_80", str(KERNEL_DIR / "wkv_cuda.cu"),
-         "-o", str(tmp_path / "wkv_cuda.o")],
-        capture_output=True, text=True,
-    )
-    assert kernels.returncode == 0, kernels.stderr
+    for source in CUDA_SOURCES:
+        kernels = subprocess.run(
+            ["nvcc", "-c", "-O3", "-std=c++17", "-arch=sm_80", str(KERNEL_DIR / source),
+             "-o", str(tmp_path / f"{source}.o")],
+            capture_output=True, text=True,
+        )
+        assert kernels.returncode == 0, f"{source}: {kernels.stderr}"
     includes = [f"-I{p}" for p in [*include_paths(), _cuda_include()]]
     bindings = subprocess.run(
         ["g++", "-fsyntax-only", "-std=c++17", "-DWITH_CUDA", "-DTORCH_EXTENSION_NAME=wkv_check",
          *includes, f"-I{sysconfig.get_paths()['include']}",
-         str(KERNEL_DIR / "wkv_ops.cpp")],
+         str(KERNEL_DIR / "ops.cpp")],
         capture_output=True, text=True,
     )
     assert bindings.returncode == 0, bindings.stderr

@@ -1,5 +1,5 @@
-// Python bindings of the WKV operator: `forward` and `backward` dispatch on the device of
-// their inputs to the CPU kernels (wkv_cpu.cpp) or, when built WITH_CUDA, the GPU kernels.
+// Python bindings of the compiled kernels. The WKV operator's `wkv_forward` and `wkv_backward`
+// dispatch on the device of their inputs to the CPU kernels (wkv_cpu.cpp) or, when built WITH_CUDA, the GPU kernels.
 // The caller passes the CUDA stream (torch.cuda.current_stream().cuda_stream) and makes the
 // inputs' GPU current, so this file needs no CUDA headers and compiles against any torch build.
 #include <torch/extension.h>
@@ -87,8 +87,8 @@ std::vector<torch::Tensor> wkv_backward(torch::Tensor w, torch::Tensor u, torch:
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("forward", &wkv_forward,
+  m.def("wkv_forward", &wkv_forward,
         "WKV forward: (w, u, k, v, state, cuda_stream) -> (y, log_den, state_out)");
-  m.def("backward", &wkv_backward,
+  m.def("wkv_backward", &wkv_backward,
         "WKV backward: (w, u, k, v, y, log_den, gy, state, cuda_stream) -> (gw[B,C], gu[B,C], gk, gv)");
 }

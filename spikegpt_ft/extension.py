@@ -1,0 +1,64 @@
+"""The compiled kernels of ``cuda_ext/`` (WKV, and the LIF neuron's CPU path): build once, then import.
+
+One extension holds every kernel, with one bindings file (``cuda_ext/ops.cpp``). It is built by
+``torch.utils.cpp_extension.load`` with ninja at first use, into the torch extensions cache; the CUDA
+sources join the build when a GPU and the CUDA toolkit are present.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+from pathlib import Path
+from types import ModuleType
+
+import torch
+
+log = logging.getLogger(__name__)
+
+#: Where the kernel sources live (the repository's ``cuda_ext/``); override with SPIKEGPT_FT_CUDA_EXT.
+KERNEL_DIR = Path(os.environ.get("SPIKEGPT_FT_CUDA_EXT", Path(__file__).resolve().parents[1] / "cuda_ext"))
+
+#: The C++ sources of every build, bindings first.
+CPU_SOURCES = ("ops.cpp", "wkv_cpu.cpp")
+#: The CUDA sources added when a GPU build is possible.
+CUDA_SOURCES = ("wkv_cuda.cu",)
+
+
+def cuda_buildable() -> bool:
+    """Whether this machine can build and run the CUDA kernels (a GPU, a CUDA torch and a toolkit)."""
+    from torch.utils.cpp_extension import CUDA_HOME
+
+    return torch.cuda.is_available() and torch.version.cuda is not None and CUDA_HOME is not None
+
+
+@functools.cache
+def extension(with_cuda: bool | None = None) -> ModuleType:
+    """Build (once per machine, cached by ninja) and import the kernels' extension.
+
+    torch.utils.cpp_extension keys the build directory on the sources and flags, rebuilds only
+    when they change, and holds a file lock so that a second process waits rather than rebuilds.
+    """
+    from torch.utils.cpp_extension import load
+
+    with_cuda = cuda_buildable() if with_cuda is None else with_cuda
+    sources = [KERNEL_DIR / s for s in CPU_SOURCES + (CUDA_SOURCES if with_cuda else ())]
+    missing = [str(s) for s in sources if not s.is_file()]
+    if missing:
+        raise FileNotFoundError(
+            f"kernel sources not found: {missing}. Install the project editable "
+            "(pip install -e .) from its repository, or point SPIKEGPT_FT_CUDA_EXT at its cuda_ext/."
+        )
+    log.info("loading the compiled kernels (the first use on a machine compiles them, about a minute)")
+    return load(
+        name="spikegpt_ft_kernels_cuda" if with_cuda else "spikegpt_ft_kernels_cpu",
+        sources=[str(s) for s in sources],
+        # -fopenmp: at::parallel_for splits the work over threads only when compiled with OpenMP;
+        # -ffast-math: lets GCC vectorise exp/log (glibc's libmvec). The kernels use no inf/NaN.
+        extra_cflags=["-O3", "-ffast-math", "-fopenmp"] + (["-DWITH_CUDA"] if with_cuda else []),
+        extra_ldflags=["-fopenmp"],
+        extra_cuda_cflags=["-O3", "-DWITH_CUDA"],
+        with_cuda=with_cuda,
+        verbose=False,
+    )
