@@ -5,14 +5,15 @@
 #include <torch/extension.h>
 
 #ifdef WITH_CUDA
+#include "wkv_core.h"
 #include "wkv_cuda.h"
 #endif
 
 std::vector<torch::Tensor> wkv_forward_cpu(torch::Tensor w, torch::Tensor u, torch::Tensor k,
-                                           torch::Tensor v, torch::Tensor state);
+                                           torch::Tensor v, torch::Tensor state, int64_t chunk_len);
 std::vector<torch::Tensor> wkv_backward_cpu(torch::Tensor w, torch::Tensor u, torch::Tensor k,
                                             torch::Tensor v, torch::Tensor y, torch::Tensor log_den,
-                                            torch::Tensor gy, torch::Tensor state);
+                                            torch::Tensor gy, torch::Tensor state, int64_t chunk_len);
 
 #ifdef WITH_CUDA
 namespace {
@@ -42,20 +43,25 @@ void check_cuda(const torch::Tensor& w, const torch::Tensor& u, const torch::Ten
     TORCH_CHECK(x->is_cuda() && x->is_contiguous() && x->device() == k.device(),
                 "wkv (cuda): all inputs must be contiguous tensors on one GPU");
   }
+  TORCH_CHECK(k.size(1) > 0, "wkv: the sequence must hold at least one token");
+  TORCH_CHECK(k.size(0) <= 65535, "wkv (cuda): at most 65535 sequences per call");
 }
 
 }  // namespace
 #endif
 
+// chunk_len: tokens per chunk run in parallel (0: the device's default; see wkv_core.h).
 std::vector<torch::Tensor> wkv_forward(torch::Tensor w, torch::Tensor u, torch::Tensor k,
-                                       torch::Tensor v, torch::Tensor state, int64_t stream) {
-  if (k.device().is_cpu()) return wkv_forward_cpu(w, u, k, v, state);
+                                       torch::Tensor v, torch::Tensor state, int64_t chunk_len,
+                                       int64_t stream) {
+  if (k.device().is_cpu()) return wkv_forward_cpu(w, u, k, v, state, chunk_len);
 #ifdef WITH_CUDA
   check_cuda(w, u, k, v, state);
   const auto f32 = k.options().dtype(torch::kFloat32);
   auto y = torch::empty(k.sizes(), f32), log_den = torch::empty(k.sizes(), f32);
   auto state_out = torch::empty_like(state);
-  wkv_forward_cuda(input_kind(k), k.size(0), k.size(1), k.size(2), w.data_ptr<float>(),
+  const int64_t len = wkv_cuda_chunk_len(k.size(0), k.size(1), k.size(2), chunk_len);
+  wkv_forward_cuda(input_kind(k), k.size(0), k.size(1), k.size(2), len, w.data_ptr<float>(),
                    u.data_ptr<float>(), k.data_ptr(), v.data_ptr(), state.data_ptr<float>(),
                    y.data_ptr<float>(), log_den.data_ptr<float>(), state_out.data_ptr<float>(),
                    reinterpret_cast<void*>(stream));
@@ -67,15 +73,18 @@ std::vector<torch::Tensor> wkv_forward(torch::Tensor w, torch::Tensor u, torch::
 
 std::vector<torch::Tensor> wkv_backward(torch::Tensor w, torch::Tensor u, torch::Tensor k,
                                         torch::Tensor v, torch::Tensor y, torch::Tensor log_den,
-                                        torch::Tensor gy, torch::Tensor state, int64_t stream) {
-  if (k.device().is_cpu()) return wkv_backward_cpu(w, u, k, v, y, log_den, gy, state);
+                                        torch::Tensor gy, torch::Tensor state, int64_t chunk_len,
+                                        int64_t stream) {
+  if (k.device().is_cpu()) return wkv_backward_cpu(w, u, k, v, y, log_den, gy, state, chunk_len);
 #ifdef WITH_CUDA
   check_cuda(w, u, k, v, state);
   gy = gy.to(torch::kFloat32).contiguous();
   const auto f32 = k.options().dtype(torch::kFloat32);
+  const int64_t B = k.size(0), T = k.size(1), C = k.size(2);
+  const int64_t len = wkv_cuda_chunk_len(B, T, C, chunk_len);
   auto gk = torch::empty(k.sizes(), f32), gv = torch::empty(k.sizes(), f32);
-  auto gw = torch::empty({k.size(0), k.size(2)}, f32), gu = torch::empty_like(gw);
-  wkv_backward_cuda(input_kind(k), k.size(0), k.size(1), k.size(2), w.data_ptr<float>(),
+  auto gw = torch::empty({B * wkv::chunk_count(T, len), C}, f32), gu = torch::empty_like(gw);
+  wkv_backward_cuda(input_kind(k), B, T, C, len, w.data_ptr<float>(),
                     u.data_ptr<float>(), k.data_ptr(), v.data_ptr(), y.data_ptr<float>(),
                     log_den.data_ptr<float>(), gy.data_ptr<float>(), state.data_ptr<float>(),
                     gw.data_ptr<float>(), gu.data_ptr<float>(), gk.data_ptr<float>(),
@@ -88,7 +97,8 @@ std::vector<torch::Tensor> wkv_backward(torch::Tensor w, torch::Tensor u, torch:
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("wkv_forward", &wkv_forward,
-        "WKV forward: (w, u, k, v, state, cuda_stream) -> (y, log_den, state_out)");
+        "WKV forward: (w, u, k, v, state, chunk_len, cuda_stream) -> (y, log_den, state_out)");
   m.def("wkv_backward", &wkv_backward,
-        "WKV backward: (w, u, k, v, y, log_den, gy, state, cuda_stream) -> (gw[B,C], gu[B,C], gk, gv)");
+        "WKV backward: (w, u, k, v, y, log_den, gy, state, chunk_len, cuda_stream) -> "
+        "(gw[B*chunks,C], gu[B*chunks,C], gk, gv)");
 }

@@ -1,111 +1,160 @@
-// WKV operator on the CPU: forward and backward of the SpikeGPT time-mix recurrence.
+// WKV operator on the CPU: forward and backward of the SpikeGPT time-mix recurrence, with the
+// per-channel arithmetic of wkv_core.h (the same functions the CUDA kernels call).
 //
-// Layout: k, v, y, log_den, gy, gk, gv are [B, T, C] contiguous; w, u are [C];
-// state is [B, 3, C] holding (a, b, p) = (numerator, denominator, max exponent).
-// Each (batch, channel) pair is an independent recurrence over T, so the work is split
-// over batch x channel-blocks; inside a block the channel loop is innermost and
-// contiguous so the compiler can vectorise it.
+// Layout: k, v, y, log_den, gy, gk, gv are [B, T, C] contiguous; w, u are [C]; state is [B, 3, C]
+// holding (a, b, p). Each (batch, channel) pair is an independent recurrence over T, so the work is
+// split over batch x channel blocks; inside a block the channel loop is innermost and contiguous
+// so the compiler vectorises it.
+//
+// `chunk_len` cuts T into chunks that are run in parallel too (see wkv_core.h); 0 means one chunk,
+// which is what the CPU wants (batch x channel blocks already outnumber its cores). Other values
+// run the chunked scheme of the GPU kernels, so that the CPU tests check it.
 //
 // The backward pass needs no per-token scratch: the forward stores log_den = log of the
-// denominator at each token, and the reverse sweep keeps its adjoint sums in the same
-// "mantissa times exp(shared exponent)" form as the forward state, so nothing overflows.
+// denominator at each token, and the reverse sweep keeps its sums in the same "mantissa times
+// exp(shared exponent)" form as the forward state, so nothing overflows.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
 #include <algorithm>
-#include <cmath>
+
+#include "wkv_core.h"
 
 namespace {
 
 constexpr int64_t kChannelBlock = 16;
-constexpr double kNegHuge = -1e38;
 
-template <typename scalar_t>
-void forward_block(const scalar_t* w, const scalar_t* u, const scalar_t* k, const scalar_t* v,
-                   const scalar_t* state_in, scalar_t* y, scalar_t* log_den, scalar_t* state_out,
-                   int64_t T, int64_t C, int64_t c0, int64_t c1) {
-  const int64_t n = c1 - c0;
-  scalar_t a[kChannelBlock], b[kChannelBlock], p[kChannelBlock];
-  for (int64_t j = 0; j < n; ++j) {
-    a[j] = state_in[c0 + j];
-    b[j] = state_in[C + c0 + j];
-    p[j] = state_in[2 * C + c0 + j];
-  }
-  for (int64_t t = 0; t < T; ++t) {
-    const int64_t row = t * C + c0;
-    for (int64_t j = 0; j < n; ++j) {
-      const scalar_t kt = k[row + j], vt = v[row + j];
-      const scalar_t uk = u[c0 + j] + kt;
-      scalar_t q = std::max(p[j], uk);
-      scalar_t e1 = std::exp(p[j] - q), e2 = std::exp(uk - q);
-      const scalar_t den = e1 * b[j] + e2;
-      y[row + j] = (e1 * a[j] + e2 * vt) / den;
-      log_den[row + j] = q + std::log(den);
-      const scalar_t pw = p[j] + w[c0 + j];
-      q = std::max(pw, kt);
-      e1 = std::exp(pw - q);
-      e2 = std::exp(kt - q);
-      a[j] = e1 * a[j] + e2 * vt;
-      b[j] = e1 * b[j] + e2;
-      p[j] = q;
+// Where a sequence of T tokens is cut: chunk j holds tokens [begin(j), end(j)).
+struct Chunks {
+  int64_t T, len, count;
+  Chunks(int64_t T, int64_t chunk_len)
+      : T(T), len(wkv::chunk_length(T, chunk_len)), count(wkv::chunk_count(T, len)) {}
+  int64_t begin(int64_t j) const { return j * len; }
+  int64_t end(int64_t j) const { return std::min(T, (j + 1) * len); }
+};
+
+// One unit of parallel work: batch row `b`, channels [c0, c0 + n), chunk `j`.
+struct Work {
+  int64_t b, c0, n, j;
+};
+
+template <typename F>
+void parallel_over(int64_t B, int64_t C, int64_t chunks, const F& body) {
+  const int64_t blocks = (C + kChannelBlock - 1) / kChannelBlock;
+  at::parallel_for(0, B * blocks * chunks, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      const int64_t j = i % chunks, blk = (i / chunks) % blocks, b = i / (chunks * blocks);
+      const int64_t c0 = blk * kChannelBlock;
+      body(Work{b, c0, std::min(kChannelBlock, C - c0), j});
     }
+  });
+}
+
+// The chunk's own forward state from a fresh start, written to `summary` ([3, C]).
+template <typename S>
+void summarize_forward(const S* w, const S* k, const S* v, S* summary, int64_t C, const Work& at, int64_t t0,
+                       int64_t t1) {
+  S a[kChannelBlock], b[kChannelBlock], p[kChannelBlock];
+  for (int64_t j = 0; j < at.n; ++j) {
+    a[j] = b[j] = 0;
+    p[j] = wkv::kFreshExponent;
   }
-  for (int64_t j = 0; j < n; ++j) {
-    state_out[c0 + j] = a[j];
-    state_out[C + c0 + j] = b[j];
-    state_out[2 * C + c0 + j] = p[j];
+  for (int64_t t = t0; t < t1; ++t) {
+    const int64_t row = t * C + at.c0;
+    for (int64_t j = 0; j < at.n; ++j) wkv::advance(a[j], b[j], p[j], w[at.c0 + j], k[row + j], v[row + j]);
+  }
+  for (int64_t j = 0; j < at.n; ++j) {
+    summary[at.c0 + j] = a[j];
+    summary[C + at.c0 + j] = b[j];
+    summary[2 * C + at.c0 + j] = p[j];
   }
 }
 
-// Reverse sweep. With G(t) = sum_{s>t} gy_s / D_s * e^{(s-1-t) w} (and its y-weighted twin)
-// and H(t) = sum_{s>t} (s-1-t) gy_s / D_s * e^{(s-1-t) w}, the gradients are
-//   gv_t = gy_t e^{u+k_t}/D_t + e^{k_t} Ga(t)
-//   gk_t = gy_t e^{u+k_t}/D_t (v_t - y_t) + e^{k_t} (v_t Ga(t) + Gb(t))
-//   gw   = sum_t e^{k_t} (v_t Ha(t) + Hb(t)) + (initial-state term)
-// with G(t-1) = e^w G(t) + gy_t / D_t and H(t-1) = e^w (H(t) + G(t)).
-template <typename scalar_t>
-void backward_block(const scalar_t* w, const scalar_t* u, const scalar_t* k, const scalar_t* v,
-                    const scalar_t* y, const scalar_t* log_den, const scalar_t* gy,
-                    const scalar_t* state_in, scalar_t* gw, scalar_t* gu, scalar_t* gk,
-                    scalar_t* gv, int64_t T, int64_t C, int64_t c0, int64_t c1) {
-  const int64_t n = c1 - c0;
-  scalar_t ga[kChannelBlock], gb[kChannelBlock], ha[kChannelBlock], hb[kChannelBlock],
-      gp[kChannelBlock], acc_w[kChannelBlock], acc_u[kChannelBlock];
-  for (int64_t j = 0; j < n; ++j) {
-    ga[j] = gb[j] = ha[j] = hb[j] = acc_w[j] = acc_u[j] = 0;
-    gp[j] = static_cast<scalar_t>(kNegHuge);
+// Outputs of tokens [t0, t1) from the state `start` ([3, C]); the state after them goes to `end`
+// when it is not null.
+template <typename S>
+void forward_chunk(const S* w, const S* u, const S* k, const S* v, const S* start, S* y, S* log_den, S* end,
+                   int64_t C, const Work& at, int64_t t0, int64_t t1) {
+  S a[kChannelBlock], b[kChannelBlock], p[kChannelBlock];
+  for (int64_t j = 0; j < at.n; ++j) {
+    a[j] = start[at.c0 + j];
+    b[j] = start[C + at.c0 + j];
+    p[j] = start[2 * C + at.c0 + j];
   }
-  for (int64_t t = T - 1; t >= 0; --t) {
-    const int64_t row = t * C + c0;
-    for (int64_t j = 0; j < n; ++j) {
-      const scalar_t kt = k[row + j], vt = v[row + j], yt = y[row + j];
-      const scalar_t gyt = gy[row + j], ld = log_den[row + j], wc = w[c0 + j];
-      const scalar_t ek = std::exp(kt + gp[j]);
-      const scalar_t direct = gyt * std::exp(u[c0 + j] + kt - ld);
-      const scalar_t through_u = direct * (vt - yt);
-      gk[row + j] = ek * (vt * ga[j] + gb[j]) + through_u;
-      gv[row + j] = ek * ga[j] + direct;
-      acc_w[j] += ek * (vt * ha[j] + hb[j]);
-      acc_u[j] += through_u;
-      const scalar_t gp_new = std::max(gp[j] + wc, -ld);
-      const scalar_t s1 = std::exp(gp[j] + wc - gp_new), s2 = std::exp(-ld - gp_new);
-      ha[j] = (ha[j] + ga[j]) * s1;
-      hb[j] = (hb[j] + gb[j]) * s1;
-      ga[j] = ga[j] * s1 + gyt * s2;
-      gb[j] = gb[j] * s1 - gyt * yt * s2;
-      gp[j] = gp_new;
+  for (int64_t t = t0; t < t1; ++t) {
+    const int64_t row = t * C + at.c0;
+    for (int64_t j = 0; j < at.n; ++j) {
+      wkv::forward_token(a[j], b[j], p[j], w[at.c0 + j], u[at.c0 + j], k[row + j], v[row + j], y[row + j],
+                         log_den[row + j]);
     }
   }
-  for (int64_t j = 0; j < n; ++j) {
-    const scalar_t a0 = state_in[c0 + j], b0 = state_in[C + c0 + j], p0 = state_in[2 * C + c0 + j];
-    gw[c0 + j] = acc_w[j] + std::exp(p0 + gp[j]) * (ha[j] * a0 + hb[j] * b0);
-    gu[c0 + j] = acc_u[j];
+  if (end == nullptr) return;
+  for (int64_t j = 0; j < at.n; ++j) {
+    end[at.c0 + j] = a[j];
+    end[C + at.c0 + j] = b[j];
+    end[2 * C + at.c0 + j] = p[j];
+  }
+}
+
+// The chunk's own reverse state from a fresh start (nothing after it), written to `summary` ([5, C]).
+template <typename S>
+void summarize_backward(const S* w, const S* y, const S* log_den, const S* gy, S* summary, int64_t C,
+                        const Work& at, int64_t t0, int64_t t1) {
+  S ga[kChannelBlock], gb[kChannelBlock], ha[kChannelBlock], hb[kChannelBlock], gp[kChannelBlock];
+  for (int64_t j = 0; j < at.n; ++j) {
+    ga[j] = gb[j] = ha[j] = hb[j] = 0;
+    gp[j] = wkv::kFreshExponent;
+  }
+  for (int64_t t = t1 - 1; t >= t0; --t) {
+    const int64_t row = t * C + at.c0;
+    for (int64_t j = 0; j < at.n; ++j) {
+      wkv::retreat(ga[j], gb[j], ha[j], hb[j], gp[j], w[at.c0 + j], y[row + j], gy[row + j], log_den[row + j]);
+    }
+  }
+  S* out[5] = {ga, gb, ha, hb, gp};
+  for (int q = 0; q < 5; ++q) {
+    for (int64_t j = 0; j < at.n; ++j) summary[q * C + at.c0 + j] = out[q][j];
+  }
+}
+
+// Gradients of tokens [t0, t1) from the reverse state `entering` ([5, C], null for a fresh one);
+// this chunk's parts of gw and gu go to gw_part and gu_part ([C]). The chunk that starts the
+// sequence also adds gw's term of the initial state `state_in` ([3, C]).
+template <typename S>
+void backward_chunk(const S* w, const S* u, const S* k, const S* v, const S* y, const S* log_den, const S* gy,
+                    const S* entering, const S* state_in, S* gk, S* gv, S* gw_part, S* gu_part, int64_t C,
+                    const Work& at, int64_t t0, int64_t t1) {
+  S ga[kChannelBlock], gb[kChannelBlock], ha[kChannelBlock], hb[kChannelBlock], gp[kChannelBlock];
+  S acc_w[kChannelBlock], acc_u[kChannelBlock];
+  S* carried[5] = {ga, gb, ha, hb, gp};
+  for (int q = 0; q < 5; ++q) {
+    for (int64_t j = 0; j < at.n; ++j) {
+      carried[q][j] = entering != nullptr ? entering[q * C + at.c0 + j] : (q == 4 ? wkv::kFreshExponent : S(0));
+    }
+  }
+  for (int64_t j = 0; j < at.n; ++j) acc_w[j] = acc_u[j] = 0;
+  for (int64_t t = t1 - 1; t >= t0; --t) {
+    const int64_t row = t * C + at.c0;
+    for (int64_t j = 0; j < at.n; ++j) {
+      const int64_t i = row + j, c = at.c0 + j;
+      wkv::backward_token(ga[j], gb[j], ha[j], hb[j], gp[j], w[c], u[c], k[i], v[i], y[i], gy[i], log_den[i],
+                          gk[i], gv[i], acc_w[j], acc_u[j]);
+    }
+  }
+  for (int64_t j = 0; j < at.n; ++j) {
+    const int64_t c = at.c0 + j;
+    if (t0 == 0) {
+      acc_w[j] += wkv::initial_state_grad_w(ha[j], hb[j], gp[j], state_in[c], state_in[C + c], state_in[2 * C + c]);
+    }
+    gw_part[c] = acc_w[j];
+    gu_part[c] = acc_u[j];
   }
 }
 
 void check_inputs(const torch::Tensor& w, const torch::Tensor& u, const torch::Tensor& k,
                   const torch::Tensor& v, const torch::Tensor& state) {
   TORCH_CHECK(k.dim() == 3 && v.sizes() == k.sizes(), "wkv: k and v must both be [B, T, C]");
+  TORCH_CHECK(k.size(1) > 0, "wkv: the sequence must hold at least one token");
   const auto B = k.size(0), C = k.size(2);
   TORCH_CHECK(w.dim() == 1 && w.size(0) == C && u.sizes() == w.sizes(), "wkv: w and u must be [C]");
   TORCH_CHECK(state.dim() == 3 && state.size(0) == B && state.size(1) == 3 && state.size(2) == C,
@@ -118,54 +167,108 @@ void check_inputs(const torch::Tensor& w, const torch::Tensor& u, const torch::T
 
 }  // namespace
 
-std::vector<torch::Tensor> wkv_forward_cpu(torch::Tensor w, torch::Tensor u, torch::Tensor k,
-                                           torch::Tensor v, torch::Tensor state) {
+std::vector<torch::Tensor> wkv_forward_cpu(torch::Tensor w, torch::Tensor u, torch::Tensor k, torch::Tensor v,
+                                           torch::Tensor state, int64_t chunk_len) {
   check_inputs(w, u, k, v, state);
   const int64_t B = k.size(0), T = k.size(1), C = k.size(2);
+  const Chunks chunks(T, chunk_len);
   auto y = torch::empty_like(k), log_den = torch::empty_like(k), state_out = torch::empty_like(state);
-  const int64_t blocks = (C + kChannelBlock - 1) / kChannelBlock;
+  // with several chunks: first each chunk's summary, then (in place) the state entering it
+  auto entering = torch::empty({chunks.count > 1 ? B * chunks.count : 0, 3, C}, state.options());
   AT_DISPATCH_FLOATING_TYPES(k.scalar_type(), "wkv_forward_cpu", [&] {
-    at::parallel_for(0, B * blocks, 1, [&](int64_t begin, int64_t end) {
-      for (int64_t i = begin; i < end; ++i) {
-        const int64_t bi = i / blocks, c0 = (i % blocks) * kChannelBlock;
-        const int64_t c1 = std::min(C, c0 + kChannelBlock);
-        const int64_t seq = bi * T * C, st = bi * 3 * C;
-        forward_block<scalar_t>(w.data_ptr<scalar_t>(), u.data_ptr<scalar_t>(),
-                                k.data_ptr<scalar_t>() + seq, v.data_ptr<scalar_t>() + seq,
-                                state.data_ptr<scalar_t>() + st, y.data_ptr<scalar_t>() + seq,
-                                log_den.data_ptr<scalar_t>() + seq,
-                                state_out.data_ptr<scalar_t>() + st, T, C, c0, c1);
+    const scalar_t *w_ = w.data_ptr<scalar_t>(), *u_ = u.data_ptr<scalar_t>();
+    const scalar_t *k_ = k.data_ptr<scalar_t>(), *v_ = v.data_ptr<scalar_t>(), *s_in = state.data_ptr<scalar_t>();
+    scalar_t *y_ = y.data_ptr<scalar_t>(), *ld_ = log_den.data_ptr<scalar_t>(), *s_out = state_out.data_ptr<scalar_t>();
+    if (chunks.count == 1) {
+      parallel_over(B, C, 1, [&](const Work& at) {
+        const int64_t seq = at.b * T * C, st = at.b * 3 * C;
+        forward_chunk(w_, u_, k_ + seq, v_ + seq, s_in + st, y_ + seq, ld_ + seq, s_out + st, C, at, 0, T);
+      });
+      return;
+    }
+    scalar_t* ent = entering.data_ptr<scalar_t>();
+    const auto slot = [&](int64_t b, int64_t j) { return ent + (b * chunks.count + j) * 3 * C; };
+    parallel_over(B, C, chunks.count, [&](const Work& at) {
+      const int64_t seq = at.b * T * C;
+      summarize_forward(w_, k_ + seq, v_ + seq, slot(at.b, at.j), C, at, chunks.begin(at.j), chunks.end(at.j));
+    });
+    parallel_over(B, C, 1, [&](const Work& at) {
+      for (int64_t j = 0; j < at.n; ++j) {
+        const int64_t c = at.c0 + j;
+        const scalar_t* s0 = s_in + at.b * 3 * C;
+        scalar_t a = s0[c], b = s0[C + c], p = s0[2 * C + c];
+        for (int64_t ch = 0; ch < chunks.count; ++ch) {
+          scalar_t* here = slot(at.b, ch);
+          const scalar_t la = here[c], lb = here[C + c], lp = here[2 * C + c];
+          here[c] = a;
+          here[C + c] = b;
+          here[2 * C + c] = p;
+          const scalar_t len = static_cast<scalar_t>(chunks.end(ch) - chunks.begin(ch));
+          wkv::carry_over(a, b, p, w_[c], len, la, lb, lp);
+        }
+        scalar_t* s1 = s_out + at.b * 3 * C;
+        s1[c] = a;
+        s1[C + c] = b;
+        s1[2 * C + c] = p;
       }
+    });
+    parallel_over(B, C, chunks.count, [&](const Work& at) {
+      const int64_t seq = at.b * T * C;
+      forward_chunk(w_, u_, k_ + seq, v_ + seq, slot(at.b, at.j), y_ + seq, ld_ + seq,
+                    static_cast<scalar_t*>(nullptr), C, at, chunks.begin(at.j), chunks.end(at.j));
     });
   });
   return {y, log_den, state_out};
 }
 
-std::vector<torch::Tensor> wkv_backward_cpu(torch::Tensor w, torch::Tensor u, torch::Tensor k,
-                                            torch::Tensor v, torch::Tensor y, torch::Tensor log_den,
-                                            torch::Tensor gy, torch::Tensor state) {
+std::vector<torch::Tensor> wkv_backward_cpu(torch::Tensor w, torch::Tensor u, torch::Tensor k, torch::Tensor v,
+                                            torch::Tensor y, torch::Tensor log_den, torch::Tensor gy,
+                                            torch::Tensor state, int64_t chunk_len) {
   check_inputs(w, u, k, v, state);
   TORCH_CHECK(y.sizes() == k.sizes() && log_den.sizes() == k.sizes() && gy.sizes() == k.sizes(),
               "wkv backward: y, log_den and gy must match k");
   gy = gy.contiguous();
   const int64_t B = k.size(0), T = k.size(1), C = k.size(2);
+  const Chunks chunks(T, chunk_len);
   auto gk = torch::empty_like(k), gv = torch::empty_like(k);
-  auto gw = torch::empty({B, C}, k.options()), gu = torch::empty({B, C}, k.options());
-  const int64_t blocks = (C + kChannelBlock - 1) / kChannelBlock;
+  // one row of gw and gu per (batch, chunk); the caller sums them
+  auto gw = torch::empty({B * chunks.count, C}, k.options()), gu = torch::empty_like(gw);
+  auto entering = torch::empty({chunks.count > 1 ? B * chunks.count : 0, 5, C}, k.options());
   AT_DISPATCH_FLOATING_TYPES(k.scalar_type(), "wkv_backward_cpu", [&] {
-    at::parallel_for(0, B * blocks, 1, [&](int64_t begin, int64_t end) {
-      for (int64_t i = begin; i < end; ++i) {
-        const int64_t bi = i / blocks, c0 = (i % blocks) * kChannelBlock;
-        const int64_t c1 = std::min(C, c0 + kChannelBlock);
-        const int64_t seq = bi * T * C;
-        backward_block<scalar_t>(
-            w.data_ptr<scalar_t>(), u.data_ptr<scalar_t>(), k.data_ptr<scalar_t>() + seq,
-            v.data_ptr<scalar_t>() + seq, y.data_ptr<scalar_t>() + seq,
-            log_den.data_ptr<scalar_t>() + seq, gy.data_ptr<scalar_t>() + seq,
-            state.data_ptr<scalar_t>() + bi * 3 * C, gw.data_ptr<scalar_t>() + bi * C,
-            gu.data_ptr<scalar_t>() + bi * C, gk.data_ptr<scalar_t>() + seq,
-            gv.data_ptr<scalar_t>() + seq, T, C, c0, c1);
-      }
+    const scalar_t *w_ = w.data_ptr<scalar_t>(), *u_ = u.data_ptr<scalar_t>();
+    const scalar_t *k_ = k.data_ptr<scalar_t>(), *v_ = v.data_ptr<scalar_t>(), *y_ = y.data_ptr<scalar_t>();
+    const scalar_t *ld_ = log_den.data_ptr<scalar_t>(), *gy_ = gy.data_ptr<scalar_t>();
+    const scalar_t* s_in = state.data_ptr<scalar_t>();
+    scalar_t *gk_ = gk.data_ptr<scalar_t>(), *gv_ = gv.data_ptr<scalar_t>();
+    scalar_t *gw_ = gw.data_ptr<scalar_t>(), *gu_ = gu.data_ptr<scalar_t>();
+    scalar_t* ent = chunks.count > 1 ? entering.data_ptr<scalar_t>() : nullptr;
+    const auto slot = [&](int64_t b, int64_t j) { return ent + (b * chunks.count + j) * 5 * C; };
+    if (chunks.count > 1) {
+      parallel_over(B, C, chunks.count, [&](const Work& at) {
+        const int64_t seq = at.b * T * C;
+        summarize_backward(w_, y_ + seq, ld_ + seq, gy_ + seq, slot(at.b, at.j), C, at, chunks.begin(at.j),
+                           chunks.end(at.j));
+      });
+      parallel_over(B, C, 1, [&](const Work& at) {
+        for (int64_t j = 0; j < at.n; ++j) {
+          const int64_t c = at.c0 + j;
+          scalar_t ga = 0, gb = 0, ha = 0, hb = 0, gp = wkv::kFreshExponent;
+          for (int64_t ch = chunks.count - 1; ch >= 0; --ch) {
+            scalar_t* here = slot(at.b, ch);
+            const scalar_t l[5] = {here[c], here[C + c], here[2 * C + c], here[3 * C + c], here[4 * C + c]};
+            const scalar_t now[5] = {ga, gb, ha, hb, gp};
+            for (int q = 0; q < 5; ++q) here[q * C + c] = now[q];
+            const scalar_t len = static_cast<scalar_t>(chunks.end(ch) - chunks.begin(ch));
+            wkv::carry_back(ga, gb, ha, hb, gp, w_[c], len, l[0], l[1], l[2], l[3], l[4]);
+          }
+        }
+      });
+    }
+    parallel_over(B, C, chunks.count, [&](const Work& at) {
+      const int64_t seq = at.b * T * C, part = (at.b * chunks.count + at.j) * C;
+      backward_chunk(w_, u_, k_ + seq, v_ + seq, y_ + seq, ld_ + seq, gy_ + seq,
+                     ent != nullptr ? static_cast<const scalar_t*>(slot(at.b, at.j)) : nullptr, s_in + at.b * 3 * C,
+                     gk_ + seq, gv_ + seq, gw_ + part, gu_ + part, C, at, chunks.begin(at.j), chunks.end(at.j));
     });
   });
   return {gw, gu, gk, gv};

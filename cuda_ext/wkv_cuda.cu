@@ -1,140 +1,219 @@
-// WKV operator on the GPU: the same recurrence and reverse sweep as wkv_cpu.cpp (see the
-// comments there for the math), one thread per (batch, channel). Inputs may be float32,
-// float16 or bfloat16; every accumulation is float32. Neighbouring threads own
-// neighbouring channels, so each load and store of a token row is coalesced. The loop over
-// tokens keeps no per-token scratch, so any sequence length works.
+// WKV operator on the GPU, with the per-channel arithmetic of wkv_core.h (the functions the CPU
+// kernels call too, so the CPU tests check this math).
+//
+// Parallelism. A plain kernel gives one thread to each (batch, channel) and walks all T tokens:
+// only B*C threads, each with a long serial loop. Here the tokens are cut into chunks as well,
+// one thread per (batch, channel, chunk): a block holds a group of neighbouring channels (threadIdx.x,
+// so every load and store of a token row is coalesced) times all the chunks of the sequence
+// (threadIdx.y). Each thread first runs its chunk from a fresh state (its summary, into shared
+// memory), then folds the summaries of the chunks before it (after it, in the reverse sweep) into
+// its true entering state, and runs its chunk again for the outputs. Inputs may be float32, float16
+// or bfloat16; every accumulation is float32. No per-token scratch, so any sequence length works.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
+#include <algorithm>
+
+#include "wkv_core.h"
 #include "wkv_cuda.h"
 
 namespace {
 
-constexpr int kThreads = 128;
-constexpr float kNegHuge = -1e38f;
+constexpr int kMaxChunks = 32;    // chunks per sequence: one block holds them all
+constexpr int kMaxThreads = 1024;  // threads per block
+// (batch, channel, chunk) threads wanted: enough to fill an H100-class GPU a few times over.
+constexpr int64_t kTargetThreads = 1 << 17;
+// the shortest chunk worth its summary pass
+constexpr int64_t kMinChunkLen = 8;
 
 __device__ __forceinline__ float to_float(float x) { return x; }
 __device__ __forceinline__ float to_float(__half x) { return __half2float(x); }
 __device__ __forceinline__ float to_float(__nv_bfloat16 x) { return __bfloat162float(x); }
 
+// Block: blockDim.x channels x blockDim.y chunks; grid: (channel groups, B). `len`: tokens per chunk.
 template <typename F>
-__global__ void forward_kernel(int64_t B, int64_t T, int64_t C, const float* __restrict__ w,
-                               const float* __restrict__ u, const F* __restrict__ k,
-                               const F* __restrict__ v, const float* __restrict__ state_in,
-                               float* __restrict__ y, float* __restrict__ log_den,
-                               float* __restrict__ state_out) {
-  const int64_t idx = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (idx >= B * C) return;
-  const int64_t bi = idx / C, c = idx % C;
-  const float wc = w[c], uc = u[c];
-  const int64_t st = bi * 3 * C + c;
-  float a = state_in[st], b = state_in[st + C], p = state_in[st + 2 * C];
-  for (int64_t t = 0, i = bi * T * C + c; t < T; ++t, i += C) {
-    const float kt = to_float(k[i]), vt = to_float(v[i]);
-    const float uk = uc + kt;
-    float q = fmaxf(p, uk);
-    float e1 = expf(p - q), e2 = expf(uk - q);
-    const float den = e1 * b + e2;
-    y[i] = (e1 * a + e2 * vt) / den;
-    log_den[i] = q + logf(den);
-    const float pw = p + wc;
-    q = fmaxf(pw, kt);
-    e1 = expf(pw - q);
-    e2 = expf(kt - q);
-    a = e1 * a + e2 * vt;
-    b = e1 * b + e2;
-    p = q;
+__global__ void forward_kernel(int64_t T, int64_t C, int64_t len, const float* __restrict__ w,
+                               const float* __restrict__ u, const F* __restrict__ k, const F* __restrict__ v,
+                               const float* __restrict__ state_in, float* __restrict__ y,
+                               float* __restrict__ log_den, float* __restrict__ state_out) {
+  __shared__ float summary[3][kMaxThreads];
+  const int lane = threadIdx.x, j = threadIdx.y, chunks = blockDim.y;
+  const int64_t c = static_cast<int64_t>(blockIdx.x) * blockDim.x + lane, bi = blockIdx.y;
+  const bool active = c < C;
+  const int64_t t0 = j * len, t1 = min(T, t0 + len);
+  const int64_t seq = bi * T * C + c, st = bi * 3 * C + c;
+  const float wc = active ? w[c] : 0.f, uc = active ? u[c] : 0.f;
+  float a = 0.f, b = 0.f, p = wkv::kFreshExponent;
+  if (active) {
+    a = state_in[st];
+    b = state_in[st + C];
+    p = state_in[st + 2 * C];
   }
-  state_out[st] = a;
-  state_out[st + C] = b;
-  state_out[st + 2 * C] = p;
+  if (chunks > 1) {
+    float la = 0.f, lb = 0.f, lp = wkv::kFreshExponent;
+    if (active) {
+      for (int64_t t = t0, i = seq + t0 * C; t < t1; ++t, i += C) {
+        wkv::advance(la, lb, lp, wc, to_float(k[i]), to_float(v[i]));
+      }
+    }
+    const int slot = j * blockDim.x + lane;
+    summary[0][slot] = la;
+    summary[1][slot] = lb;
+    summary[2][slot] = lp;
+    __syncthreads();
+    for (int i = 0; i < j; ++i) {  // every chunk before this one holds `len` tokens
+      const int other = i * blockDim.x + lane;
+      wkv::carry_over(a, b, p, wc, static_cast<float>(len), summary[0][other], summary[1][other],
+                      summary[2][other]);
+    }
+    if (active && j == chunks - 1) {
+      float fa = a, fb = b, fp = p;
+      wkv::carry_over(fa, fb, fp, wc, static_cast<float>(t1 - t0), la, lb, lp);
+      state_out[st] = fa;
+      state_out[st + C] = fb;
+      state_out[st + 2 * C] = fp;
+    }
+  }
+  if (!active) return;
+  for (int64_t t = t0, i = seq + t0 * C; t < t1; ++t, i += C) {
+    wkv::forward_token(a, b, p, wc, uc, to_float(k[i]), to_float(v[i]), y[i], log_den[i]);
+  }
+  if (chunks == 1) {
+    state_out[st] = a;
+    state_out[st + C] = b;
+    state_out[st + 2 * C] = p;
+  }
 }
 
+// Same layout as forward_kernel. gw and gu get one row per (batch, chunk): [B * chunks, C].
 template <typename F>
-__global__ void backward_kernel(int64_t B, int64_t T, int64_t C, const float* __restrict__ w,
-                                const float* __restrict__ u, const F* __restrict__ k,
-                                const F* __restrict__ v, const float* __restrict__ y,
-                                const float* __restrict__ log_den, const float* __restrict__ gy,
-                                const float* __restrict__ state_in, float* __restrict__ gw,
-                                float* __restrict__ gu, float* __restrict__ gk,
+__global__ void backward_kernel(int64_t T, int64_t C, int64_t len, const float* __restrict__ w,
+                                const float* __restrict__ u, const F* __restrict__ k, const F* __restrict__ v,
+                                const float* __restrict__ y, const float* __restrict__ log_den,
+                                const float* __restrict__ gy, const float* __restrict__ state_in,
+                                float* __restrict__ gw, float* __restrict__ gu, float* __restrict__ gk,
                                 float* __restrict__ gv) {
-  const int64_t idx = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (idx >= B * C) return;
-  const int64_t bi = idx / C, c = idx % C;
-  const float wc = w[c], uc = u[c];
-  float ga = 0.f, gb = 0.f, ha = 0.f, hb = 0.f, gp = kNegHuge, acc_w = 0.f, acc_u = 0.f;
-  for (int64_t t = T - 1, i = bi * T * C + (T - 1) * C + c; t >= 0; --t, i -= C) {
-    const float kt = to_float(k[i]), vt = to_float(v[i]), yt = y[i], gyt = gy[i], ld = log_den[i];
-    const float ek = expf(kt + gp);
-    const float direct = gyt * expf(uc + kt - ld);
-    const float through_u = direct * (vt - yt);
-    gk[i] = ek * (vt * ga + gb) + through_u;
-    gv[i] = ek * ga + direct;
-    acc_w += ek * (vt * ha + hb);
-    acc_u += through_u;
-    const float gp_new = fmaxf(gp + wc, -ld);
-    const float s1 = expf(gp + wc - gp_new), s2 = expf(-ld - gp_new);
-    ha = (ha + ga) * s1;
-    hb = (hb + gb) * s1;
-    ga = ga * s1 + gyt * s2;
-    gb = gb * s1 - gyt * yt * s2;
-    gp = gp_new;
+  __shared__ float summary[5][kMaxThreads];
+  const int lane = threadIdx.x, j = threadIdx.y, chunks = blockDim.y;
+  const int64_t c = static_cast<int64_t>(blockIdx.x) * blockDim.x + lane, bi = blockIdx.y;
+  const bool active = c < C;
+  const int64_t t0 = j * len, t1 = min(T, t0 + len);
+  const int64_t seq = bi * T * C + c;
+  const float wc = active ? w[c] : 0.f, uc = active ? u[c] : 0.f;
+  float ga = 0.f, gb = 0.f, ha = 0.f, hb = 0.f, gp = wkv::kFreshExponent;
+  if (chunks > 1) {
+    float l[5] = {0.f, 0.f, 0.f, 0.f, wkv::kFreshExponent};
+    if (active) {
+      for (int64_t t = t1 - 1, i = seq + (t1 - 1) * C; t >= t0; --t, i -= C) {
+        wkv::retreat(l[0], l[1], l[2], l[3], l[4], wc, y[i], gy[i], log_den[i]);
+      }
+    }
+    const int slot = j * blockDim.x + lane;
+    for (int q = 0; q < 5; ++q) summary[q][slot] = l[q];
+    __syncthreads();
+    for (int i = chunks - 1; i > j; --i) {
+      const int other = i * blockDim.x + lane;
+      const float n = static_cast<float>(min(T, (i + 1) * len) - i * len);
+      wkv::carry_back(ga, gb, ha, hb, gp, wc, n, summary[0][other], summary[1][other], summary[2][other],
+                      summary[3][other], summary[4][other]);
+    }
   }
-  const int64_t st = bi * 3 * C + c;
-  gw[idx] = acc_w + expf(state_in[st + 2 * C] + gp) * (ha * state_in[st] + hb * state_in[st + C]);
-  gu[idx] = acc_u;
+  if (!active) return;
+  float acc_w = 0.f, acc_u = 0.f;
+  for (int64_t t = t1 - 1, i = seq + (t1 - 1) * C; t >= t0; --t, i -= C) {
+    wkv::backward_token(ga, gb, ha, hb, gp, wc, uc, to_float(k[i]), to_float(v[i]), y[i], gy[i], log_den[i],
+                        gk[i], gv[i], acc_w, acc_u);
+  }
+  if (j == 0) {
+    const int64_t st = bi * 3 * C + c;
+    acc_w += wkv::initial_state_grad_w(ha, hb, gp, state_in[st], state_in[st + C], state_in[st + 2 * C]);
+  }
+  const int64_t part = (bi * chunks + j) * C + c;
+  gw[part] = acc_w;
+  gu[part] = acc_u;
 }
 
-int blocks_for(int64_t B, int64_t C) { return static_cast<int>((B * C + kThreads - 1) / kThreads); }
+struct Launch {
+  dim3 grid, block;
+};
+
+// Channels per block: as many as fit beside the chunks, at least a warp.
+Launch launch_for(int64_t B, int64_t T, int64_t C, int64_t len) {
+  const int chunks = static_cast<int>(wkv::chunk_count(T, len));
+  const int lanes = chunks <= 8 ? 128 : (chunks <= 16 ? 64 : 32);
+  return {dim3(static_cast<unsigned>((C + lanes - 1) / lanes), static_cast<unsigned>(B)),
+          dim3(static_cast<unsigned>(lanes), static_cast<unsigned>(chunks))};
+}
+
+template <typename Kernel32, typename Kernel16, typename KernelB16>
+void dispatch(WkvInput input, Kernel32 f32, Kernel16 f16, KernelB16 bf16) {
+  switch (input) {
+    case WkvInput::kFloat32: f32(); break;
+    case WkvInput::kFloat16: f16(); break;
+    case WkvInput::kBFloat16: bf16(); break;
+  }
+}
 
 }  // namespace
 
-void wkv_forward_cuda(WkvInput input, int64_t B, int64_t T, int64_t C, const float* w,
-                      const float* u, const void* k, const void* v, const float* state_in,
-                      float* y, float* log_den, float* state_out, void* stream) {
-  auto s = static_cast<cudaStream_t>(stream);
-  const int grid = blocks_for(B, C);
-  switch (input) {
-    case WkvInput::kFloat32:
-      forward_kernel<float><<<grid, kThreads, 0, s>>>(B, T, C, w, u, static_cast<const float*>(k),
-                                                      static_cast<const float*>(v), state_in, y,
-                                                      log_den, state_out);
-      break;
-    case WkvInput::kFloat16:
-      forward_kernel<__half><<<grid, kThreads, 0, s>>>(B, T, C, w, u, static_cast<const __half*>(k),
-                                                       static_cast<const __half*>(v), state_in, y,
-                                                       log_den, state_out);
-      break;
-    case WkvInput::kBFloat16:
-      forward_kernel<__nv_bfloat16><<<grid, kThreads, 0, s>>>(
-          B, T, C, w, u, static_cast<const __nv_bfloat16*>(k), static_cast<const __nv_bfloat16*>(v),
-          state_in, y, log_den, state_out);
-      break;
+int64_t wkv_cuda_chunk_len(int64_t B, int64_t T, int64_t C, int64_t requested) {
+  int64_t len = requested;
+  if (len <= 0) {
+    int64_t want = (kTargetThreads + B * C - 1) / (B * C);
+    want = std::max<int64_t>(1, std::min<int64_t>({want, T / kMinChunkLen, kMaxChunks}));
+    len = (T + want - 1) / want;
   }
+  len = wkv::chunk_length(T, len);
+  if (wkv::chunk_count(T, len) > kMaxChunks) len = (T + kMaxChunks - 1) / kMaxChunks;
+  return len;
 }
 
-void wkv_backward_cuda(WkvInput input, int64_t B, int64_t T, int64_t C, const float* w,
-                       const float* u, const void* k, const void* v, const float* y,
-                       const float* log_den, const float* gy, const float* state_in, float* gw,
-                       float* gu, float* gk, float* gv, void* stream) {
+void wkv_forward_cuda(WkvInput input, int64_t B, int64_t T, int64_t C, int64_t chunk_len, const float* w,
+                      const float* u, const void* k, const void* v, const float* state_in, float* y,
+                      float* log_den, float* state_out, void* stream) {
   auto s = static_cast<cudaStream_t>(stream);
-  const int grid = blocks_for(B, C);
-  switch (input) {
-    case WkvInput::kFloat32:
-      backward_kernel<float><<<grid, kThreads, 0, s>>>(
-          B, T, C, w, u, static_cast<const float*>(k), static_cast<const float*>(v), y, log_den, gy,
-          state_in, gw, gu, gk, gv);
-      break;
-    case WkvInput::kFloat16:
-      backward_kernel<__half><<<grid, kThreads, 0, s>>>(
-          B, T, C, w, u, static_cast<const __half*>(k), static_cast<const __half*>(v), y, log_den,
-          gy, state_in, gw, gu, gk, gv);
-      break;
-    case WkvInput::kBFloat16:
-      backward_kernel<__nv_bfloat16><<<grid, kThreads, 0, s>>>(
-          B, T, C, w, u, static_cast<const __nv_bfloat16*>(k), static_cast<const __nv_bfloat16*>(v),
-          y, log_den, gy, state_in, gw, gu, gk, gv);
-      break;
-  }
+  const Launch at = launch_for(B, T, C, chunk_len);
+  dispatch(
+      input,
+      [&] {
+        forward_kernel<float><<<at.grid, at.block, 0, s>>>(T, C, chunk_len, w, u, static_cast<const float*>(k),
+                                                           static_cast<const float*>(v), state_in, y, log_den,
+                                                           state_out);
+      },
+      [&] {
+        forward_kernel<__half><<<at.grid, at.block, 0, s>>>(T, C, chunk_len, w, u, static_cast<const __half*>(k),
+                                                            static_cast<const __half*>(v), state_in, y, log_den,
+                                                            state_out);
+      },
+      [&] {
+        forward_kernel<__nv_bfloat16><<<at.grid, at.block, 0, s>>>(
+            T, C, chunk_len, w, u, static_cast<const __nv_bfloat16*>(k), static_cast<const __nv_bfloat16*>(v),
+            state_in, y, log_den, state_out);
+      });
+}
+
+void wkv_backward_cuda(WkvInput input, int64_t B, int64_t T, int64_t C, int64_t chunk_len, const float* w,
+                       const float* u, const void* k, const void* v, const float* y, const float* log_den,
+                       const float* gy, const float* state_in, float* gw, float* gu, float* gk, float* gv,
+                       void* stream) {
+  auto s = static_cast<cudaStream_t>(stream);
+  const Launch at = launch_for(B, T, C, chunk_len);
+  dispatch(
+      input,
+      [&] {
+        backward_kernel<float><<<at.grid, at.block, 0, s>>>(T, C, chunk_len, w, u, static_cast<const float*>(k),
+                                                            static_cast<const float*>(v), y, log_den, gy,
+                                                            state_in, gw, gu, gk, gv);
+      },
+      [&] {
+        backward_kernel<__half><<<at.grid, at.block, 0, s>>>(T, C, chunk_len, w, u, static_cast<const __half*>(k),
+                                                             static_cast<const __half*>(v), y, log_den, gy,
+                                                             state_in, gw, gu, gk, gv);
+      },
+      [&] {
+        backward_kernel<__nv_bfloat16><<<at.grid, at.block, 0, s>>>(
+            T, C, chunk_len, w, u, static_cast<const __nv_bfloat16*>(k), static_cast<const __nv_bfloat16*>(v), y,
+            log_den, gy, state_in, gw, gu, gk, gv);
+      });
 }

@@ -7,7 +7,9 @@ For each channel, with ``w = -exp(time_decay)`` and ``u = time_first``::
 computed with the running state ``(a, b, p)`` (numerator, denominator, shared exponent) described in
 ``docs/spikegpt-model.md``. The kernels (``cuda_ext/``) take that state in and give it back, so a
 long sequence, a parallel prefix and token-by-token decoding are all the same call. The kernels keep
-no per-token scratch, so there is no maximum sequence length.
+no per-token scratch, so there is no maximum sequence length. They can also cut the tokens into
+chunks run in parallel (``chunk_len``; see ``cuda_ext/wkv_core.h``): the GPU does so by default to
+keep all its cores busy, the CPU does not need to, and the tests run both ways.
 
 Gradients flow to ``time_decay``, ``time_first``, ``k`` and ``v``; the carried state is treated as a
 constant (truncated back-propagation at the point where a state is passed in).
@@ -23,30 +25,33 @@ from .extension import extension
 FRESH_EXPONENT = -1e38
 
 
-def _on_device(kernel, *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    """Call a kernel with the tensors' GPU current and its current stream (0 on the CPU)."""
-    device = tensors[0].device
+def _on_device(kernel, *args: torch.Tensor | int) -> tuple[torch.Tensor, ...]:
+    """Call a kernel with the first argument's GPU current and its current stream (0 on the CPU)."""
+    device = args[0].device
     if device.type != "cuda":
-        return kernel(*tensors, 0)
+        return kernel(*args, 0)
     with torch.cuda.device(device):
-        return kernel(*tensors, torch.cuda.current_stream(device).cuda_stream)
+        return kernel(*args, torch.cuda.current_stream(device).cuda_stream)
 
 
 class WKVFunction(torch.autograd.Function):
     """Autograd wrapper of the compiled forward and backward kernels."""
 
     @staticmethod
-    def forward(ctx, w, u, k, v, state):  # noqa: D102 - autograd protocol
-        y, log_den, state_out = _on_device(extension().wkv_forward, w, u, k, v, state)
+    def forward(ctx, w, u, k, v, state, chunk_len):  # noqa: D102 - autograd protocol
+        y, log_den, state_out = _on_device(extension().wkv_forward, w, u, k, v, state, chunk_len)
         ctx.save_for_backward(w, u, k, v, y, log_den, state)
+        ctx.chunk_len = chunk_len
         ctx.mark_non_differentiable(state_out)
         return y, state_out
 
     @staticmethod
     def backward(ctx, grad_y, _grad_state):  # noqa: D102 - autograd protocol
         w, u, k, v, y, log_den, state = ctx.saved_tensors
-        gw, gu, gk, gv = _on_device(extension().wkv_backward, w, u, k, v, y, log_den, grad_y.contiguous(), state)
-        return gw.sum(0), gu.sum(0), gk.to(k.dtype), gv.to(v.dtype), None
+        gy = grad_y.contiguous()
+        gw, gu, gk, gv = _on_device(extension().wkv_backward, w, u, k, v, y, log_den, gy, state, ctx.chunk_len)
+        # gw and gu come as one row per (sequence, chunk)
+        return gw.sum(0), gu.sum(0), gk.to(k.dtype), gv.to(v.dtype), None, None
 
 
 def fresh_state(batch_size: int, channels: int, device: torch.device | str | None = None) -> torch.Tensor:
@@ -57,13 +62,23 @@ def fresh_state(batch_size: int, channels: int, device: torch.device | str | Non
 
 
 def wkv(
-    time_decay: torch.Tensor, time_first: torch.Tensor, k: torch.Tensor, v: torch.Tensor, state: torch.Tensor
+    time_decay: torch.Tensor,
+    time_first: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    state: torch.Tensor,
+    chunk_len: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """WKV over ``k, v`` of shape ``[B, T, C]`` from ``state`` ``[B, 3, C]``; returns ``(wkv, state_out)``.
 
     ``wkv`` has the dtype of ``k``; the recurrence runs in float32 (float64 for float64 inputs, which
     the tests use for gradcheck). On CUDA, float16 and bfloat16 ``k, v`` are read as they are.
+    ``chunk_len`` > 0 runs chunks of that many tokens in parallel (0: the device's default; on CUDA at
+    most 32 chunks per sequence, so a shorter length is raised to fit); the result is the same up to
+    rounding.
     """
+    if chunk_len < 0:
+        raise ValueError(f"chunk_len must be >= 0, got {chunk_len}")
     out_dtype = k.dtype
     compute = torch.float64 if k.dtype == torch.float64 else torch.float32
     w = -torch.exp(time_decay.to(compute)).contiguous()
@@ -72,5 +87,5 @@ def wkv(
         k, v = k.contiguous(), v.to(k.dtype).contiguous()
     else:
         k, v = k.to(compute).contiguous(), v.to(compute).contiguous()
-    y, state_out = WKVFunction.apply(w, u, k, v, state.to(compute).contiguous())
+    y, state_out = WKVFunction.apply(w, u, k, v, state.to(compute).contiguous(), chunk_len)
     return y.to(out_dtype), state_out.float()

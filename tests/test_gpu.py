@@ -19,18 +19,22 @@ pytestmark = [
 ]
 
 
+@pytest.mark.parametrize("chunk_len", [0, 1, 7])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("shape", [(2, 17, 40), (1, 3000, 8)])
-def test_cuda_kernel_matches_cpu_kernel(dtype, shape):
+@pytest.mark.parametrize("shape", [(2, 17, 40), (1, 3000, 8), (3, 64, 200)])
+def test_cuda_kernel_matches_cpu_kernel(dtype, shape, chunk_len):
+    """The chunked CUDA kernels (0: their own choice of chunks) against the CPU's single sweep, from a
+    carried state."""
     B, T, C = shape
     g = torch.Generator().manual_seed(0)
     td, tf = torch.rand(C, generator=g) * 4 - 3, torch.rand(C, generator=g) * 2 - 1
     k, v = torch.randn(B, T, C, generator=g).to(dtype), torch.randn(B, T, C, generator=g).to(dtype)
     gy = torch.randn(B, T, C, generator=g)
+    _, start = wkv(td, tf, torch.randn(B, 5, C, generator=g), torch.randn(B, 5, C, generator=g), fresh_state(B, C))
     cpu = [x.float().requires_grad_() for x in (td, tf, k, v)]
     gpu = [x.cuda().requires_grad_() for x in (td, tf, k, v)]
-    y_cpu, s_cpu = wkv(*cpu, fresh_state(B, C))
-    y_gpu, s_gpu = wkv(*gpu, fresh_state(B, C, "cuda"))
+    y_cpu, s_cpu = wkv(*cpu, start)
+    y_gpu, s_gpu = wkv(*gpu, start.cuda(), chunk_len)
     (y_cpu * gy).sum().backward()
     (y_gpu.float() * gy.cuda()).sum().backward()
     tol = 1e-4 if dtype == torch.float32 else 1e-2

@@ -62,44 +62,53 @@ def random_inputs(B, T, C, dtype=torch.float64, seed=0, scale=1.0):
     return td, tf, k, v
 
 
-def test_forward_matches_direct_sums_fresh_and_carried_state():
+#: Chunk lengths the tests run: 0 (one chunk, the CPU default) and the GPU kernels' chunked scheme,
+#: down to one token per chunk and with a short last chunk.
+CHUNKS = [0, 1, 3, 4]
+
+
+@pytest.mark.parametrize("chunk_len", CHUNKS)
+def test_forward_matches_direct_sums_fresh_and_carried_state(chunk_len):
     td, tf, k, v = random_inputs(2, 9, 5)
-    y, state = wkv(td, tf, k, v, fresh_state(2, 5).double())
+    y, state = wkv(td, tf, k, v, fresh_state(2, 5).double(), chunk_len)
     assert torch.allclose(y, direct_wkv(td, tf, k, v), atol=1e-12, rtol=1e-10)
     # continue from the carried state: same as running the whole sequence at once
     td2, tf2, k2, v2 = random_inputs(2, 7, 5, seed=1)
-    y2, _ = wkv(td, tf, k2, v2, state.double())
+    y2, _ = wkv(td, tf, k2, v2, state.double(), chunk_len)
     whole = direct_wkv(td, tf, torch.cat([k, k2], 1), torch.cat([v, v2], 1))
     assert torch.allclose(y2, whole[:, 9:], atol=1e-6, rtol=1e-6)  # state is float32
 
 
+@pytest.mark.parametrize("chunk_len", [0, 1, 4])
 @pytest.mark.parametrize("carried", [False, True])
-def test_gradcheck_float64(carried):
+def test_gradcheck_float64(carried, chunk_len):
     td, tf, k, v = random_inputs(2, 6, 3, seed=2)
     state = fresh_state(2, 3).double()
     if carried:
         _, state = recurrent_wkv(td, tf, *random_inputs(2, 4, 3, seed=3)[2:], state)
     inputs = [x.clone().requires_grad_() for x in (td, tf, k, v)]
-    assert torch.autograd.gradcheck(lambda *a: wkv(*a, state)[0], inputs, eps=1e-6, atol=1e-7)
+    assert torch.autograd.gradcheck(lambda *a: wkv(*a, state, chunk_len)[0], inputs, eps=1e-6, atol=1e-7)
 
 
-def test_backward_matches_reference_autograd():
+@pytest.mark.parametrize("chunk_len", CHUNKS)
+def test_backward_matches_reference_autograd(chunk_len):
     td, tf, k, v = random_inputs(3, 20, 16, dtype=torch.float32, seed=4, scale=3.0)
     gy = torch.randn(3, 20, 16)
     ours = [x.clone().requires_grad_() for x in (td, tf, k, v)]
     ref = [x.double().requires_grad_() for x in (td, tf, k, v)]
-    (wkv(*ours, fresh_state(3, 16))[0] * gy).sum().backward()
+    (wkv(*ours, fresh_state(3, 16), chunk_len)[0] * gy).sum().backward()
     (recurrent_wkv(*ref, fresh_state(3, 16).double())[0] * gy.double()).sum().backward()
     for a, b in zip(ours, ref, strict=True):
         assert torch.allclose(a.grad.double(), b.grad, atol=1e-4 * b.grad.abs().max().item())
 
 
-def test_long_sequence_matches_reference():
+@pytest.mark.parametrize("chunk_len", [0, 97])
+def test_long_sequence_matches_reference(chunk_len):
     """T = 3000: no hidden length limit, forward and backward agree with the token loop."""
     td, tf, k, v = random_inputs(2, 3000, 8, dtype=torch.float32, seed=5, scale=2.0)
     ours = [x.clone().requires_grad_() for x in (td, tf, k, v)]
     ref = [x.double().requires_grad_() for x in (td, tf, k, v)]
-    y, state = wkv(*ours, fresh_state(2, 8))
+    y, state = wkv(*ours, fresh_state(2, 8), chunk_len)
     y_ref, state_ref = recurrent_wkv(*ref, fresh_state(2, 8).double())
     assert (y.double() - y_ref).abs().max() < 1e-4
     assert torch.allclose(state[:, 2].double(), state_ref[:, 2], atol=1e-3)
@@ -110,15 +119,34 @@ def test_long_sequence_matches_reference():
         assert (a.grad.double() - b.grad).abs().max() < 1e-3 * b.grad.abs().max()
 
 
-def test_large_keys_do_not_overflow():
+@pytest.mark.parametrize("chunk_len", [0, 8])
+def test_large_keys_do_not_overflow(chunk_len):
     td, tf, k, v = random_inputs(1, 50, 4, dtype=torch.float32, seed=6)
     k = k * 40  # e^{k} alone overflows float32
     ours = [x.clone().requires_grad_() for x in (td, tf, k, v)]
-    y, _ = wkv(*ours, fresh_state(1, 4))
+    y, _ = wkv(*ours, fresh_state(1, 4), chunk_len)
     y.sum().backward()
     assert torch.isfinite(y).all() and all(torch.isfinite(x.grad).all() for x in ours)
     y_ref, _ = recurrent_wkv(*(x.double() for x in (td, tf, k, v)), fresh_state(1, 4).double())
     assert (y.double() - y_ref).abs().max() < 1e-4
+
+
+@pytest.mark.parametrize("chunk_len", [1, 5, 16])
+def test_chunked_state_out_matches_one_chunk(chunk_len):
+    """The state handed on after a chunked pass is the one a single sweep reaches, from fresh and carried states."""
+    td, tf, k, v = random_inputs(3, 37, 6, seed=7, scale=2.0)
+    for state in (fresh_state(3, 6).double(), recurrent_wkv(td, tf, k[:, :5], v[:, :5], fresh_state(3, 6).double())[1]):
+        _, one = wkv(td, tf, k, v, state)
+        _, chunked = wkv(td, tf, k, v, state, chunk_len)
+        _, ref = recurrent_wkv(td, tf, k, v, state)
+        for got in (one, chunked):  # the state handed on is float32
+            assert torch.allclose(got.double(), ref, rtol=1e-6, atol=1e-7)
+
+
+def test_negative_chunk_len_is_refused():
+    td, tf, k, v = random_inputs(1, 4, 2)
+    with pytest.raises(ValueError, match="chunk_len must be >= 0"):
+        wkv(td, tf, k, v, fresh_state(1, 2).double(), -1)
 
 
 def _cuda_include() -> str:
