@@ -62,3 +62,29 @@ def test_recurrent_equals_parallel_on_cuda():
         logits, state = model.step(ids[:, t], state)
         outs.append(logits)
     assert (torch.stack(outs, 1) - parallel).abs().max() < 1e-4
+
+
+@pytest.mark.parametrize("adapter", ["none", "lora", "spikelora"])
+def test_training_step_never_syncs_with_the_host(adapter):
+    """A bf16-autocast training step (forward, loss, backward) on CUDA with sync debugging set to "error":
+    any host-device sync in our code, SpikingJelly's or the kernels' raises."""
+    from spikegpt_ft.training import SpikeGPTClassifier, build_classifier
+
+    torch.manual_seed(0)
+    model, _ = build_classifier("scratch", 2, adapter, "configs/model/tiny.yaml")
+    module = SpikeGPTClassifier(model.cuda(), 2, adapter)
+    module.log = lambda *a, **k: None  # no trainer attached
+    batch = {"input_ids": torch.randint(0, model.config.vocab_size, (4, 32)), "lengths": torch.tensor([32, 20, 9, 1]),
+             "labels": torch.tensor([0, 1, 1, 0])}  # fmt: skip
+    batch["mask"] = torch.arange(32) < batch["lengths"][:, None]
+    batch = {k: v.cuda() for k, v in module.on_before_batch_transfer(batch, 0).items()}
+    module.training_step(batch, 0).backward()  # warm-up: kernels load, caches fill
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = module.training_step(batch, 0)
+        loss.backward()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert torch.isfinite(loss).item()
