@@ -38,10 +38,16 @@ struct Work {
   int64_t b, c0, n, j;
 };
 
+// Below this many (token, channel) steps per thread, waking threads costs more than it saves (a
+// decoding step of one token is a few microseconds of work), so small calls run on the caller's.
+constexpr int64_t kStepsPerThread = 1 << 15;
+
+// Runs body(work) for every (batch, channel block, chunk); `tokens` is the length of each unit's sweep.
 template <typename F>
-void parallel_over(int64_t B, int64_t C, int64_t chunks, const F& body) {
+void parallel_over(int64_t B, int64_t C, int64_t chunks, int64_t tokens, const F& body) {
   const int64_t blocks = (C + kChannelBlock - 1) / kChannelBlock;
-  at::parallel_for(0, B * blocks * chunks, 1, [&](int64_t begin, int64_t end) {
+  const int64_t grain = std::max<int64_t>(1, kStepsPerThread / (kChannelBlock * std::max<int64_t>(tokens, 1)));
+  at::parallel_for(0, B * blocks * chunks, grain, [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) {
       const int64_t j = i % chunks, blk = (i / chunks) % blocks, b = i / (chunks * blocks);
       const int64_t c0 = blk * kChannelBlock;
@@ -180,7 +186,7 @@ std::vector<torch::Tensor> wkv_forward_cpu(torch::Tensor w, torch::Tensor u, tor
     const scalar_t *k_ = k.data_ptr<scalar_t>(), *v_ = v.data_ptr<scalar_t>(), *s_in = state.data_ptr<scalar_t>();
     scalar_t *y_ = y.data_ptr<scalar_t>(), *ld_ = log_den.data_ptr<scalar_t>(), *s_out = state_out.data_ptr<scalar_t>();
     if (chunks.count == 1) {
-      parallel_over(B, C, 1, [&](const Work& at) {
+      parallel_over(B, C, 1, T, [&](const Work& at) {
         const int64_t seq = at.b * T * C, st = at.b * 3 * C;
         forward_chunk(w_, u_, k_ + seq, v_ + seq, s_in + st, y_ + seq, ld_ + seq, s_out + st, C, at, 0, T);
       });
@@ -188,11 +194,11 @@ std::vector<torch::Tensor> wkv_forward_cpu(torch::Tensor w, torch::Tensor u, tor
     }
     scalar_t* ent = entering.data_ptr<scalar_t>();
     const auto slot = [&](int64_t b, int64_t j) { return ent + (b * chunks.count + j) * 3 * C; };
-    parallel_over(B, C, chunks.count, [&](const Work& at) {
+    parallel_over(B, C, chunks.count, chunks.len, [&](const Work& at) {
       const int64_t seq = at.b * T * C;
       summarize_forward(w_, k_ + seq, v_ + seq, slot(at.b, at.j), C, at, chunks.begin(at.j), chunks.end(at.j));
     });
-    parallel_over(B, C, 1, [&](const Work& at) {
+    parallel_over(B, C, 1, chunks.count, [&](const Work& at) {
       for (int64_t j = 0; j < at.n; ++j) {
         const int64_t c = at.c0 + j;
         const scalar_t* s0 = s_in + at.b * 3 * C;
@@ -212,7 +218,7 @@ std::vector<torch::Tensor> wkv_forward_cpu(torch::Tensor w, torch::Tensor u, tor
         s1[2 * C + c] = p;
       }
     });
-    parallel_over(B, C, chunks.count, [&](const Work& at) {
+    parallel_over(B, C, chunks.count, chunks.len, [&](const Work& at) {
       const int64_t seq = at.b * T * C;
       forward_chunk(w_, u_, k_ + seq, v_ + seq, slot(at.b, at.j), y_ + seq, ld_ + seq,
                     static_cast<scalar_t*>(nullptr), C, at, chunks.begin(at.j), chunks.end(at.j));
@@ -244,12 +250,12 @@ std::vector<torch::Tensor> wkv_backward_cpu(torch::Tensor w, torch::Tensor u, to
     scalar_t* ent = chunks.count > 1 ? entering.data_ptr<scalar_t>() : nullptr;
     const auto slot = [&](int64_t b, int64_t j) { return ent + (b * chunks.count + j) * 5 * C; };
     if (chunks.count > 1) {
-      parallel_over(B, C, chunks.count, [&](const Work& at) {
+      parallel_over(B, C, chunks.count, chunks.len, [&](const Work& at) {
         const int64_t seq = at.b * T * C;
         summarize_backward(w_, y_ + seq, ld_ + seq, gy_ + seq, slot(at.b, at.j), C, at, chunks.begin(at.j),
                            chunks.end(at.j));
       });
-      parallel_over(B, C, 1, [&](const Work& at) {
+      parallel_over(B, C, 1, chunks.count, [&](const Work& at) {
         for (int64_t j = 0; j < at.n; ++j) {
           const int64_t c = at.c0 + j;
           scalar_t ga = 0, gb = 0, ha = 0, hb = 0, gp = wkv::kFreshExponent;
@@ -264,7 +270,7 @@ std::vector<torch::Tensor> wkv_backward_cpu(torch::Tensor w, torch::Tensor u, to
         }
       });
     }
-    parallel_over(B, C, chunks.count, [&](const Work& at) {
+    parallel_over(B, C, chunks.count, chunks.len, [&](const Work& at) {
       const int64_t seq = at.b * T * C, part = (at.b * chunks.count + at.j) * C;
       backward_chunk(w_, u_, k_ + seq, v_ + seq, y_ + seq, ld_ + seq, gy_ + seq,
                      ent != nullptr ? static_cast<const scalar_t*>(slot(at.b, at.j)) : nullptr, s_in + at.b * 3 * C,
