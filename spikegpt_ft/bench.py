@@ -1,6 +1,7 @@
 """Benchmarks: the WKV kernel, training steps, parallel forward and recurrent decoding.
 
 ``python -m spikegpt_ft.bench {wkv,train,forward,recurrent,all} [--device cuda|cpu] [--dtype ...] [--json OUT]``
+(``recurrent`` on CUDA replays each step as a CUDA graph; ``--no-cuda-graph`` times eager ``model.step``.)
 
 Every case is warmed up, then timed ``repeats`` times; the median is reported (and every sample is
 kept in the JSON). On CUDA each sample is bracketed by CUDA events and synchronised, and the peak
@@ -29,6 +30,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from .decoding import GraphedStepper
 from .model import SpikeGPT, SpikeGPTConfig
 from .wkv import fresh_state, wkv
 
@@ -248,16 +250,24 @@ def bench_forward(args, device, dtype) -> list[dict]:
 
 
 def _decode_case(model: SpikeGPT, args, device, B: int, steps: int) -> list[float]:
+    # the ids are drawn in range, so neither path range-checks them per step (on CUDA that is a sync)
     g = torch.Generator().manual_seed(B)
     tokens = iter(torch.randint(0, args.vocab, (steps + args.warmup + 6, B), generator=g).to(device))
     with torch.inference_mode():
-        state = model.init_state(B)
+        _reset_peak(device)  # before capture, so that the graph's memory pool counts
+        if args.cuda_graph:
+            stepper = GraphedStepper(model, B, use_graph=True)
 
-        def one():
-            nonlocal state
-            _, state = model.step(next(tokens), state)
+            def one():
+                stepper.step(next(tokens), check_ids=False)
 
-        _reset_peak(device)
+        else:
+            state = model.init_state(B)
+
+            def one():
+                nonlocal state
+                _, state = model.step(next(tokens), state, check_ids=False)
+
         samples = time_fn(one, device, args.warmup, steps)
         if args.profile and B == 1:
             _profile(one, device, min(steps, 5))
@@ -265,7 +275,11 @@ def _decode_case(model: SpikeGPT, args, device, B: int, steps: int) -> list[floa
 
 
 def bench_recurrent(args, device, dtype) -> list[dict]:
-    """Token-by-token decoding with ``model.step`` (weights in ``dtype``, state in float32)."""
+    """Token-by-token decoding (weights in ``dtype``, state in float32).
+
+    With ``--cuda-graph`` (the default on CUDA) each step is one replay of a CUDA graph of ``model.step``
+    (:class:`~spikegpt_ft.decoding.GraphedStepper`), else an eager ``model.step``; each row records which.
+    """
     model = random_model(args, device).to(dtype).eval()
     results = []
     for B, steps in ((1, args.rec_steps), (args.rec_batch, args.rec_batch_steps)):
@@ -274,7 +288,8 @@ def bench_recurrent(args, device, dtype) -> list[dict]:
         results.append(
             _result("recurrent", f"recurrent_b{B}", {"B": B, "steps": steps}, samples, device,
                     ms_per_token=med * 1e3 if B == 1 else None, tokens_per_s=B / med,
-                    weights_dtype=str(dtype).removeprefix("torch."), state_dtype="float32")
+                    weights_dtype=str(dtype).removeprefix("torch."), state_dtype="float32",
+                    cuda_graph=args.cuda_graph)
         )
     return results
 
@@ -335,6 +350,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rec-steps", type=int, help="timed tokens at batch 1 (default 100 CUDA, 20 CPU)")
     p.add_argument("--rec-batch", type=int, help="batched decoding batch (default 256 CUDA, 64 CPU)")
     p.add_argument("--rec-batch-steps", type=int, help="timed steps of the batched case (default 50 CUDA, 5 CPU)")
+    p.add_argument("--cuda-graph", action=argparse.BooleanOptionalAction,
+                   help="recurrent: replay each step as a CUDA graph (default on CUDA; CUDA only)")
     p.add_argument("--threads", type=int, help="torch.set_num_threads (CPU)")
     p.add_argument("--profile", action="store_true", help="recurrent: print a torch.profiler table of batch-1 steps")
     return p
@@ -349,6 +366,7 @@ def _defaults(args: argparse.Namespace, device: torch.device) -> None:
     args.rec_steps = pick(args.rec_steps, 100, 20)
     args.rec_batch = pick(args.rec_batch, 256, 64)
     args.rec_batch_steps = pick(args.rec_batch_steps, 50, 5)
+    args.cuda_graph = pick(args.cuda_graph, True, False)
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
@@ -360,6 +378,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
         torch.set_num_threads(args.threads)
     dtype = DTYPES[args.dtype]
     _defaults(args, device)
+    if args.cuda_graph and device.type != "cuda":
+        raise SystemExit("--cuda-graph needs --device cuda (a CUDA graph does not exist on the CPU)")
     env = environment(device, dtype)
     env["model_shape"] = {"layers": args.layers, "embd": args.embd, "vocab": args.vocab, "ffn": 4 * args.embd}
     sections = SECTIONS if args.what == "all" else (args.what,)

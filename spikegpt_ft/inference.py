@@ -14,12 +14,13 @@ mode as it found it; it runs in eval mode under ``torch.no_grad``.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
 
 from .adapters import set_token_mask
+from .decoding import GraphedStepper
 from .model import SpikeGPT
 from .state import RecurrentState
 
@@ -150,16 +151,17 @@ def classify(
 def stream(model: SpikeGPT, ids: Sequence[int] | torch.Tensor) -> Iterator[torch.Tensor]:
     """Class probabilities ``[n_classes]`` after each token of one text: the running prediction.
 
-    One tensor per token; the last one is the prediction for the whole text.
+    One tensor per token; the last one is the prediction for the whole text. On CUDA the tokens go
+    through a CUDA graph (:class:`~spikegpt_ft.decoding.GraphedStepper`), elsewhere through ``model.step``.
     """
     (seq,) = _as_lists([ids])
-    device = model.emb.weight.device
-    state = model.init_state(1)
+    feed = None
     for token in seq:
         with _eval(model):  # entered per token: a context held across ``yield`` would leak to the caller
             set_token_mask(model, None)
-            logits, state = model.step(torch.tensor([token], device=device), state)
-        yield torch.softmax(logits[0].float(), dim=-1).cpu()
+            feed = feed or _token_feeder(model, model.init_state(1))
+            logits = feed(token)
+        yield torch.softmax(logits.float(), dim=-1).cpu()
 
 
 @dataclass
@@ -228,6 +230,31 @@ def sample_next(
     return int(torch.multinomial(probs, 1, generator=generator))
 
 
+def _uses_graph(device: torch.device) -> bool:
+    """Whether token-by-token decoding on ``device`` goes through a CUDA graph (on CUDA, where one exists)."""
+    return device.type == "cuda"
+
+
+def _token_feeder(model: SpikeGPT, state: RecurrentState) -> Callable[[int], torch.Tensor]:
+    """A function that feeds one token to the single sequence of ``state`` and returns its logits ``[V]``.
+
+    The state is carried inside. Call it (and build it) in eval mode under ``torch.no_grad``. Where
+    :func:`_uses_graph`, the logits are a view of the stepper's buffer, valid until the next call.
+    """
+    device = model.emb.weight.device
+    if _uses_graph(device):
+        stepper = GraphedStepper(model, 1)
+        stepper.load_state(state)
+        return lambda token: stepper.step(torch.tensor([token]))[0]
+
+    def feed(token: int) -> torch.Tensor:
+        nonlocal state
+        logits, state = model.step(torch.tensor([token], device=device), state)
+        return logits[0]
+
+    return feed
+
+
 def prefill(
     model: SpikeGPT,
     ids: Sequence[int] | torch.Tensor,
@@ -259,22 +286,23 @@ def iter_generate(
     """Generate up to ``max_tokens`` tokens after ``prompt_ids``, yielding each as it is chosen.
 
     The prompt is prefilled (in chunks, carrying the state); then each new token goes through
-    ``model.step`` from the carried state. Stops early after a token in ``stop_ids`` (which is yielded).
+    ``model.step`` from the carried state, on CUDA as a CUDA graph (:class:`~spikegpt_ft.decoding.GraphedStepper`,
+    captured at the first new token). Stops early after a token in ``stop_ids`` (which is yielded).
     """
     if max_tokens < 0:
         raise ValueError(f"max_tokens must be >= 0, got {max_tokens}")
     if temperature > 0:
         nucleus(torch.ones(1), top_p)  # validate top_p before any work
     logits, state = prefill(model, prompt_ids, chunk_len=chunk_len)
-    device = model.emb.weight.device
+    feed = None
     for n in range(max_tokens):
         token = sample_next(logits, temperature, top_p, generator)
         yield token
         if token in stop_ids or n == max_tokens - 1:
             return
         with _eval(model):  # entered per token: a context held across ``yield`` would leak to the caller
-            step_logits, state = model.step(torch.tensor([token], device=device), state)
-        logits = step_logits[0]
+            feed = feed or _token_feeder(model, state)
+            logits = feed(token)
 
 
 def generate(model: SpikeGPT, prompt_ids: Sequence[int] | torch.Tensor, max_tokens: int, **kwargs) -> list[int]:

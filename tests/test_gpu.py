@@ -88,3 +88,74 @@ def test_training_step_never_syncs_with_the_host(adapter):
     finally:
         torch.cuda.set_sync_debug_mode("default")
     assert torch.isfinite(loss).item()
+
+
+def _max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.float().cpu() - b.float().cpu()).abs().max())
+
+
+@torch.no_grad()
+def test_cuda_graph_stepper_reproduces_model_step():
+    """decoding.GraphedStepper's captured graph against eager model.step on CUDA, SpikeLoRA gates included;
+    a replay never syncs with the host, and in-place weight changes are seen by the graph."""
+    from spikegpt_ft.adapters import attach_adapters
+    from spikegpt_ft.decoding import GraphedStepper
+
+    model = attach_adapters(tiny_model(seed=5), kind="spikelora", r=4)
+    for name, p in model.named_parameters():
+        if "lora_B" in name:
+            p.normal_(0, 0.5)
+    model = model.cuda().eval()
+    rows = torch.randint(0, 97, (20, 3), generator=torch.Generator().manual_seed(0))
+    stepper = GraphedStepper(model, 3)
+    assert stepper.uses_graph
+    fresh = model.init_state(3)
+    assert _max_diff(stepper.state().wkv, fresh.wkv) == 0  # the warm-up steps were undone
+    assert all(float(v.abs().max()) == 0 for v in stepper.state().membranes.values())
+    state = fresh
+    for tokens in rows:
+        expected, state = model.step(tokens.cuda(), state)
+        assert _max_diff(stepper.step(tokens), expected) < 1e-5  # CPU tokens: checked on the host
+    got = stepper.state()
+    for field in ("att_shift", "ffn_shift", "wkv"):
+        assert _max_diff(getattr(got, field), getattr(state, field)) < 1e-5
+    assert max(_max_diff(got.membranes[k], v) for k, v in state.membranes.items()) < 1e-5
+
+    stepper.reset()
+    first = rows[0].cuda()
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        logits = stepper.step(first, check_ids=False).clone()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert _max_diff(logits, model.step(first, model.init_state(3))[0]) < 1e-5
+    stepper.reset()
+    model.head.weight.mul_(2)
+    assert _max_diff(stepper.step(first), 2 * logits) < 1e-4
+
+
+@torch.no_grad()
+def test_generation_and_streaming_on_cuda_go_through_the_graph_and_match_the_cpu(monkeypatch):
+    from spikegpt_ft import inference
+    from spikegpt_ft.decoding import GraphedStepper
+
+    built = []
+
+    class Recording(GraphedStepper):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            built.append(self.uses_graph)
+
+    monkeypatch.setattr(inference, "GraphedStepper", Recording)
+    lm, prompt = tiny_model(vocab=97, seed=3), [5, 9, 42, 7]
+    on_cpu = inference.generate(lm, prompt, 16, temperature=0.0)
+    assert built == []
+    assert inference.generate(lm.cuda(), prompt, 16, temperature=0.0) == on_cpu
+    assert built == [True]
+    clf, text = tiny_model(vocab=97, seed=4), list(range(3, 30))
+    clf.reset_head(2)
+    running_cpu = torch.stack(list(inference.stream(clf, text)))
+    running_gpu = torch.stack(list(inference.stream(clf.cuda(), text)))
+    assert built == [True, True]
+    assert _max_diff(running_gpu, running_cpu) < 1e-4
