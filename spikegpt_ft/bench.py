@@ -1,6 +1,6 @@
-"""Benchmarks: the WKV kernel, training steps, parallel forward and recurrent decoding.
+"""Benchmarks: the WKV kernel, the LIF neuron, training steps, parallel forward and recurrent decoding.
 
-``python -m spikegpt_ft.bench {wkv,train,forward,recurrent,all} [--device cuda|cpu] [--dtype ...] [--json OUT]``
+``python -m spikegpt_ft.bench {wkv,lif,train,forward,recurrent,all} [--device cuda|cpu] [--dtype ...] [--json OUT]``
 (``recurrent`` on CUDA replays each step as a CUDA graph; ``--no-cuda-graph`` times eager ``model.step``.)
 
 Every case is warmed up, then timed ``repeats`` times; the median is reported (and every sample is
@@ -31,12 +31,14 @@ import torch
 import torch.nn.functional as F
 
 from .decoding import GraphedStepper
-from .model import SpikeGPT, SpikeGPTConfig
+from .model import SpikeGPT, SpikeGPTConfig, make_lif
 from .wkv import fresh_state, wkv
 
 #: The WKV shapes of the issue, (B, T, C).
 WKV_SHAPES = ((32, 64, 768), (8, 1024, 768), (128, 64, 768))
-SECTIONS = ("wkv", "train", "forward", "recurrent")
+#: The LIF shapes (T, B, C): a block's LIF in a 216M training step, a SpikeLoRA r16 gate there, one decoding step.
+LIF_SHAPES = ((64, 32, 768), (64, 32, 16), (1, 1, 768))
+SECTIONS = ("wkv", "lif", "train", "forward", "recurrent")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -188,6 +190,52 @@ def bench_wkv(args, device, dtype) -> list[dict]:
     return [r for B, T, C in shapes for r in _wkv_case(B, T, C, args, device, dtype)]
 
 
+def _lif_cases(node, x: torch.Tensor, grad: torch.Tensor) -> dict[str, Callable[[], object]]:
+    def fwd():
+        node.reset()
+        with torch.no_grad():
+            node(x)
+
+    xg = x.clone().requires_grad_()
+
+    def fwd_bwd():
+        node.reset()
+        torch.autograd.backward(node(xg), grad)
+        xg.grad = None
+
+    return {"fwd": fwd, "fwd_bwd": fwd_bwd}
+
+
+def bench_lif(args, device, dtype) -> list[dict]:
+    """The model's LIF layer against SpikingJelly's own ``LIFNode`` with the same settings, and against one
+    elementwise op over the same tensor (``x * 1``: the memory-bound floor any LIF kernel is judged by).
+
+    Float32 input, ``[T, B, C]`` time-major as the model feeds it. On CUDA both LIFs are SpikingJelly's
+    kernels (the model's node defers to them there), so the rows show whether those are fast at small T.
+    """
+    from spikingjelly.activation_based import neuron
+
+    model_node = make_lif()
+    sj_node = neuron.LIFNode(
+        tau=model_node.tau, v_threshold=model_node.v_threshold, v_reset=model_node.v_reset,
+        decay_input=model_node.decay_input, detach_reset=model_node.detach_reset,
+        surrogate_function=model_node.surrogate_function, step_mode="m",
+    )  # fmt: skip
+    results = []
+    for T, B, C in LIF_SHAPES:
+        g = torch.Generator(device="cpu").manual_seed(0)
+        x = (torch.randn(T, B, C, generator=g) * 1.5).to(device)
+        grad = torch.randn(T, B, C, generator=g).to(device)
+        cases = {f"lif_model_{k}": fn for k, fn in _lif_cases(model_node, x, grad).items()}
+        cases |= {f"lif_spikingjelly_{k}": fn for k, fn in _lif_cases(sj_node, x, grad).items()}
+        cases["elementwise_floor"] = lambda: torch.mul(x, 1.0)  # noqa: B023 - called within this iteration
+        for name, fn in cases.items():
+            _reset_peak(device)
+            samples = time_fn(fn, device, args.warmup, args.repeats)
+            results.append(_result("lif", name, {"T": T, "B": B, "C": C}, samples, device))
+    return results
+
+
 def _train_model(args, device, mode: str) -> SpikeGPT:
     model = random_model(args, device)
     model.reset_head(2)
@@ -309,7 +357,9 @@ def _profile(fn: Callable[[], object], device: torch.device, calls: int) -> None
     print(prof.key_averages().table(sort_by=key, row_limit=15))
 
 
-RUNNERS = {"wkv": bench_wkv, "train": bench_train, "forward": bench_forward, "recurrent": bench_recurrent}
+RUNNERS = {
+    "wkv": bench_wkv, "lif": bench_lif, "train": bench_train, "forward": bench_forward, "recurrent": bench_recurrent,
+}  # fmt: skip
 
 
 # --------------------------------------------------------------------------------------------- CLI

@@ -26,12 +26,15 @@ def test_bench_all_tiny_writes_json(tmp_path):
         assert key in env
     assert env["model_shape"] == {"layers": 1, "embd": 32, "vocab": 97, "ffn": 128}
     names = {r["name"] for r in data["results"]}
+    lif = {f"lif_{who}_{what}" for who in ("model", "spikingjelly") for what in ("fwd", "fwd_bwd")}
     assert names == {"wkv_fwd", "wkv_fwd_bwd", "full_finetune_step", "lora_r2_step", "spikelora_r2_step",
-                     "parallel_forward", "recurrent_b1", "recurrent_b4"}
+                     "parallel_forward", "recurrent_b1", "recurrent_b4", "elementwise_floor", *lif}
     for r in data["results"]:
         assert len(r["times_ms"]) == (3 if r["name"] == "recurrent_b1" else 2 if r["name"] == "recurrent_b4" else 2)
         assert r["median_ms"] > 0 and r["peak_mem_mb"] > 0 and r["peak_mem_kind"] == "process_max_rss"
-        assert r["tokens_per_s"] > 0
+        assert r["section"] == "lif" or r["tokens_per_s"] > 0
+    lif_shapes = {tuple(r["shape"].values()) for r in data["results"] if r["section"] == "lif"}
+    assert lif_shapes == set(bench.LIF_SHAPES)
     rec = {r["name"]: r for r in data["results"] if r["section"] == "recurrent"}
     assert rec["recurrent_b1"]["ms_per_token"] == pytest.approx(rec["recurrent_b1"]["median_ms"])
     train = {r["name"]: r for r in data["results"] if r["section"] == "train"}
