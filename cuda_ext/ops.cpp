@@ -14,6 +14,11 @@ std::vector<torch::Tensor> wkv_forward_cpu(torch::Tensor w, torch::Tensor u, tor
 std::vector<torch::Tensor> wkv_backward_cpu(torch::Tensor w, torch::Tensor u, torch::Tensor k,
                                             torch::Tensor v, torch::Tensor y, torch::Tensor log_den,
                                             torch::Tensor gy, torch::Tensor state, int64_t chunk_len);
+// The LIF neuron's CPU kernels (lif_cpu.cpp); on a GPU SpikingJelly's own kernels run instead.
+std::vector<torch::Tensor> lif_forward_cpu(torch::Tensor x, torch::Tensor v0, double tau, double v_threshold,
+                                           double v_reset);
+std::vector<torch::Tensor> lif_backward_cpu(torch::Tensor grad_spikes, torch::Tensor grad_v_last, torch::Tensor h,
+                                            double tau, double v_threshold, double v_reset, double alpha);
 
 #ifdef WITH_CUDA
 namespace {
@@ -101,4 +106,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("wkv_backward", &wkv_backward,
         "WKV backward: (w, u, k, v, y, log_den, gy, state, chunk_len, cuda_stream) -> "
         "(gw[B*chunks,C], gu[B*chunks,C], gk, gv)");
+  m.def("lif_forward", &lif_forward_cpu,
+        "LIF forward (cpu): (x[T,*S], v0[S], tau, v_threshold, v_reset) -> (spikes[T,*S], v_last[S], h[T,*S])");
+  m.def("lif_backward", &lif_backward_cpu,
+        "LIF backward (cpu): (grad_spikes[T,*S], grad_v_last[S], h[T,*S], tau, v_threshold, v_reset, alpha) -> "
+        "(grad_x[T,*S], grad_v0[S])");
 }

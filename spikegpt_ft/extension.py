@@ -21,7 +21,7 @@ log = logging.getLogger(__name__)
 KERNEL_DIR = Path(os.environ.get("SPIKEGPT_FT_CUDA_EXT", Path(__file__).resolve().parents[1] / "cuda_ext"))
 
 #: The C++ sources of every build, bindings first.
-CPU_SOURCES = ("ops.cpp", "wkv_cpu.cpp")
+CPU_SOURCES = ("ops.cpp", "wkv_cpu.cpp", "lif_cpu.cpp")
 #: The CUDA sources added when a GPU build is possible.
 CUDA_SOURCES = ("wkv_cuda.cu",)
 
@@ -56,6 +56,7 @@ def extension(with_cuda: bool | None = None) -> ModuleType:
         sources=[str(s) for s in sources],
         # -fopenmp: at::parallel_for splits the work over threads only when compiled with OpenMP;
         # -ffast-math: lets GCC vectorise exp/log (glibc's libmvec). The kernels use no inf/NaN.
+        # lif_cpu.cpp switches it off for its own functions: its results must be bitwise SpikingJelly's.
         extra_cflags=["-O3", "-ffast-math", "-fopenmp"] + (["-DWITH_CUDA"] if with_cuda else []),
         extra_ldflags=["-fopenmp"],
         extra_cuda_cflags=["-O3", "-DWITH_CUDA"],

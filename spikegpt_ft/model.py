@@ -25,6 +25,7 @@ import torch
 from spikingjelly.activation_based import neuron, surrogate
 from torch import nn
 
+from .lif import CompiledLIFNode
 from .state import RecurrentState
 from .wkv import fresh_state, wkv
 
@@ -32,9 +33,12 @@ from .wkv import fresh_state, wkv
 BLOCK_DROPOUT = 0.03
 
 
-def make_lif(v_threshold: float = 1.0, tau: float = 2.0) -> neuron.LIFNode:
-    """A multi-step SpikingJelly LIF neuron with SpikeGPT's settings (hard reset to 0, ATan surrogate)."""
-    return neuron.LIFNode(
+def make_lif(v_threshold: float = 1.0, tau: float = 2.0) -> CompiledLIFNode:
+    """A multi-step SpikingJelly LIF neuron with SpikeGPT's settings (hard reset to 0, ATan surrogate).
+
+    It is SpikingJelly's ``LIFNode`` with a compiled CPU path (see :mod:`spikegpt_ft.lif`).
+    """
+    return CompiledLIFNode(
         tau=tau,
         v_threshold=v_threshold,
         v_reset=0.0,
