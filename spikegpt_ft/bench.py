@@ -32,6 +32,7 @@ import torch.nn.functional as F
 
 from .decoding import GraphedStepper
 from .model import SpikeGPT, SpikeGPTConfig, make_lif
+from .quantize import WEIGHT_PRECISIONS, cast_weights
 from .wkv import fresh_state, wkv
 
 #: The WKV shapes of the issue, (B, T, C).
@@ -325,12 +326,17 @@ def _decode_case(model: SpikeGPT, args, device, B: int, steps: int) -> list[floa
 
 
 def bench_recurrent(args, device, dtype) -> list[dict]:
-    """Token-by-token decoding (weights in ``dtype``, state in float32).
+    """Token-by-token decoding (weights in ``dtype``, or int8 with ``--int8-weights``; state in float32).
 
     With ``--cuda-graph`` (the default on CUDA) each step is one replay of a CUDA graph of ``model.step``
     (:class:`~spikegpt_ft.decoding.GraphedStepper`), else an eager ``model.step``; each row records which.
     """
-    model = random_model(args, device).to(dtype).eval()
+    model = random_model(args, device).eval()
+    weights = "int8" if args.int8_weights else str(dtype).removeprefix("torch.")
+    if weights in WEIGHT_PRECISIONS:
+        cast_weights(model, weights)
+    else:
+        model.to(dtype)
     results = []
     for B, steps in ((1, args.rec_steps), (args.rec_batch, args.rec_batch_steps)):
         samples = _decode_case(model, args, device, B, steps)
@@ -338,7 +344,7 @@ def bench_recurrent(args, device, dtype) -> list[dict]:
         results.append(
             _result("recurrent", f"recurrent_b{B}", {"B": B, "steps": steps}, samples, device,
                     ms_per_token=med * 1e3 if B == 1 else None, tokens_per_s=B / med,
-                    weights_dtype=str(dtype).removeprefix("torch."), state_dtype="float32",
+                    weights_dtype=weights, state_dtype="float32",
                     cuda_graph=args.cuda_graph)
         )
     return results
@@ -404,6 +410,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rec-batch-steps", type=int, help="timed steps of the batched case (default 50 CUDA, 5 CPU)")
     p.add_argument("--cuda-graph", action=argparse.BooleanOptionalAction,
                    help="recurrent: replay each step as a CUDA graph (default on CUDA; CUDA only)")
+    p.add_argument("--int8-weights", action="store_true",
+                   help="recurrent: int8 linear weights with bfloat16 activations (spikegpt_ft.quantize; CPU)")
     p.add_argument("--threads", type=int, help="torch.set_num_threads (CPU)")
     p.add_argument("--profile", action="store_true", help="recurrent: print a torch.profiler table of batch-1 steps")
     return p

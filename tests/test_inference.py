@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import sys
 import types
@@ -12,6 +13,7 @@ from conftest import SHARED, tiny_model
 
 import spikegpt_ft
 from spikegpt_ft import infer_cli, inference
+from spikegpt_ft.quantize import cast_weights
 
 TOKENIZER = SHARED / "tokenizer" / "20B_tokenizer.json"
 TEXTS = [
@@ -237,7 +239,8 @@ def fake_checkpoint(monkeypatch, tmp_path, text_model_and_ids):
 
     def load_classifier(path, base=None, device="cpu"):
         assert str(path) == str(run)
-        return model, {"task": "subj", "labels": ["objective", "subjective"], "tokenizer": str(TOKENIZER)}
+        info = {"task": "subj", "labels": ["objective", "subjective"], "tokenizer": str(TOKENIZER)}
+        return copy.deepcopy(model), info
 
     fake = types.SimpleNamespace(load_classifier=load_classifier)
     monkeypatch.setitem(sys.modules, "spikegpt_ft.checkpoint", fake)
@@ -271,6 +274,20 @@ def test_cli_stream_prints_one_prediction_per_token(fake_checkpoint, tokenizer, 
     assert len(rows) == len(ids) and [r["token_index"] for r in rows] == list(range(len(ids)))
     final = inference.classify(model, [ids])[0]
     assert rows[-1]["probs"]["subjective"] == pytest.approx(float(final[1]), abs=1e-5)
+
+
+def test_cli_classifies_with_int8_weights_as_the_quantized_model_does(fake_checkpoint, tokenizer, capsys):
+    run, model = fake_checkpoint
+    quantized = cast_weights(copy.deepcopy(model), "int8")
+    ids = [tokenizer.encode(t).ids for t in TEXTS[:2]]
+    for mode in inference.MODES:
+        expected = inference.classify(quantized, ids, mode)
+        argv = ["--checkpoint", str(run), "--json", "--mode", mode, "--weights", "int8"]
+        code, out, err = run_cli([*argv, "--text", TEXTS[0], "--text", TEXTS[1]], capsys)
+        assert code == 0, err
+        rows = [json.loads(line) for line in out.splitlines()]
+        for row, probs in zip(rows, expected, strict=True):
+            assert row["probs"]["subjective"] == pytest.approx(float(probs[1]), abs=1e-6)
 
 
 def test_cli_greedy_generation_matches_the_engine(tmp_path, tokenizer, capsys):
@@ -322,3 +339,4 @@ def test_cli_evaluate_reports_both_modes_on_the_test_split(fake_checkpoint, toke
     assert result["recurrent_accuracy"] == pytest.approx(expected)
     assert result["parallel_accuracy"] == pytest.approx(expected)
     assert result["agreement"] == 1.0
+    assert result["weights"] == "float32"

@@ -1,0 +1,108 @@
+"""Lower-precision inference weights (spikegpt_ft.quantize): int8 layers against a plain reference."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from spikegpt_ft.adapters import AdapterLinear, attach_adapters
+from spikegpt_ft.model import SpikeGPT, SpikeGPTConfig
+from spikegpt_ft.quantize import Int8Linear, cast_weights, quantize_int8
+
+#: Relative size of one rounding to bfloat16 (half an ulp: 8 significant bits).
+BF16_ROUNDING = 2.0**-8
+
+
+def _linear(n_in: int, n_out: int, bias: bool = False, seed: int = 0) -> nn.Linear:
+    torch.manual_seed(seed)
+    layer = nn.Linear(n_in, n_out, bias=bias)
+    with torch.no_grad():
+        layer.weight[0].zero_()  # an all-zero row must not divide by zero
+        layer.weight[1] *= 50  # rows of very different ranges get their own scales
+    return layer
+
+
+def test_every_weight_is_within_half_a_step_of_its_int8_value():
+    layer = _linear(64, 48)
+    q = Int8Linear(layer)
+    w = layer.weight.detach().double()
+    scale = q.scale.double()[:, None]
+    assert q.weight_int8.dtype == torch.int8 and q.scale.dtype == torch.bfloat16
+    assert q.weight_int8.abs().max() <= 127
+    assert torch.all((w - q.weight_int8.double() * scale).abs() <= scale / 2)
+    # the scale is as small as bfloat16 allows: one step down would push the largest weight past 127
+    row_max = w.abs().amax(1)
+    assert torch.all(row_max[1:] / 127 <= scale[1:, 0])
+    smaller = torch.nextafter(q.scale[1:], torch.zeros((), dtype=torch.bfloat16)).double()
+    assert torch.all(row_max[1:] / smaller > 127)
+
+
+@pytest.mark.parametrize("shape", [(1, 1), (3, 5), (2, 17)])
+@pytest.mark.parametrize("bias", [False, True])
+def test_int8_layer_computes_x_times_its_dequantized_weight(shape, bias):
+    layer = _linear(64, 40, bias=bias, seed=1)
+    q = Int8Linear(layer)
+    x = torch.randn(*shape, 64).to(torch.bfloat16)
+    reference = x.double() @ q.dequantized_weight().double().T
+    if bias:
+        reference = reference + q.bias.double()
+    out = q(x)
+    assert out.shape == (*shape, 40) and out.dtype == torch.bfloat16
+    # float32 accumulation, then the output rounded to bfloat16 (and the bias added in bfloat16)
+    error = (out.double() - reference).abs()
+    assert torch.all(error <= 2 * BF16_ROUNDING * reference.abs() + 1e-3)
+
+
+def test_layers_of_unsupported_width_stay_as_they_are():
+    model = nn.Sequential(nn.Linear(64, 8), nn.Linear(8, 40), nn.Linear(40, 3)).to(torch.bfloat16)
+    names = quantize_int8(model)
+    assert names == ["0"]
+    assert isinstance(model[0], Int8Linear) and type(model[1]) is nn.Linear and type(model[2]) is nn.Linear
+
+
+def _tiny_model() -> SpikeGPT:
+    torch.manual_seed(0)
+    model = SpikeGPT(SpikeGPTConfig(vocab_size=300, n_embd=64, n_layer=3, ffn_hidden=256, head_out=300))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.3)
+    return model.eval()
+
+
+@pytest.mark.parametrize("adapter", [None, "lora", "spikelora"])
+def test_int8_model_runs_recurrently_with_exactly_its_parallel_outputs(adapter):
+    model = _tiny_model()
+    if adapter:
+        attach_adapters(model, adapter, r=4)
+        with torch.no_grad():
+            for m in model.modules():
+                if isinstance(m, AdapterLinear):
+                    m.lora_B.normal_(0, 0.3)
+    cast_weights(model, "int8")
+    linears = [m for m in model.modules() if isinstance(m, nn.Linear | Int8Linear)]
+    assert linears and all(isinstance(m, Int8Linear) for m in linears)
+    if adapter:
+        adapters = [m for m in model.modules() if isinstance(m, AdapterLinear)]
+        assert adapters and all(isinstance(m.base, Int8Linear) for m in adapters)
+        assert all(m.lora_A.dtype == torch.bfloat16 for m in adapters)
+    ids = torch.randint(0, 300, (3, 30), generator=torch.Generator().manual_seed(1))
+    with torch.inference_mode():
+        parallel = model(ids)
+        state, steps = model.init_state(3), []
+        for t in range(ids.shape[1]):
+            logits, state = model.step(ids[:, t], state)
+            steps.append(logits)
+    assert state.wkv.dtype == torch.float32
+    assert torch.equal(torch.stack(steps, 1), parallel)
+
+
+def test_bad_requests_are_refused_clearly():
+    model = _tiny_model()
+    with pytest.raises(ValueError, match="unknown weight precision 'int4'"):
+        cast_weights(model, "int4")
+    with pytest.raises(ValueError, match="CPU decoding option"):
+        quantize_int8(_tiny_model().to("meta"))
+    cast_weights(model, "int8")
+    with pytest.raises(ValueError, match="int8 already"):
+        cast_weights(model, "float32")
