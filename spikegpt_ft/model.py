@@ -65,7 +65,8 @@ def shift_mix(y: torch.Tensor, previous: torch.Tensor, *mus: torch.Tensor) -> li
 
     ``shift(y)`` is ``y`` one token later along T, with ``previous`` ``[B, C]`` entering at position 0.
     """
-    shifted = torch.cat([previous.to(y.dtype).unsqueeze(1), y[:, :-1]], dim=1)
+    previous = previous.to(y.dtype).unsqueeze(1)
+    shifted = previous if y.shape[1] == 1 else torch.cat([previous, y[:, :-1]], dim=1)
     delta = y - shifted
     return [torch.addcmul(shifted, mu, delta) for mu in mus]
 
@@ -271,8 +272,9 @@ class SpikeGPT(nn.Module):
         self._check(ids, state, nodes, check_ids)
         state = state or self.init_state(ids.shape[0])
         for name, node in nodes.items():
-            node.reset()
-            if state.membranes[name] is not None:
+            if state.membranes[name] is None:
+                node.reset()
+            else:
                 node.v = state.membranes[name]
         try:
             x = self.binarize(self.emb(ids))

@@ -87,5 +87,9 @@ def wkv(
         k, v = k.contiguous(), v.to(k.dtype).contiguous()
     else:
         k, v = k.to(compute).contiguous(), v.to(compute).contiguous()
-    y, state_out = WKVFunction.apply(w, u, k, v, state.to(compute).contiguous(), chunk_len)
+    state = state.to(compute).contiguous()
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (w, u, k, v)):
+        y, state_out = WKVFunction.apply(w, u, k, v, state, chunk_len)
+    else:  # nothing to differentiate (decoding, evaluation): no autograd Function and its overhead
+        y, _, state_out = _on_device(extension().wkv_forward, w, u, k, v, state, chunk_len)
     return y.to(out_dtype), state_out.float()
