@@ -79,6 +79,18 @@ def test_forward_matches_direct_sums_fresh_and_carried_state(chunk_len):
     assert torch.allclose(y2, whole[:, 9:], atol=1e-6, rtol=1e-6)  # state is float32
 
 
+def test_call_without_gradients_equals_the_autograd_call():
+    """Without anything to differentiate the kernel is called directly; the results are the same bits."""
+    td, tf, k, v = random_inputs(2, 9, 5)
+    state = fresh_state(2, 5).double()
+    with torch.no_grad():
+        y_plain, s_plain = wkv(td, tf, k, v, state)
+    k.requires_grad_(True)
+    y_grad, s_grad = wkv(td, tf, k, v, state)
+    assert y_plain.grad_fn is None and y_grad.grad_fn is not None
+    assert torch.equal(y_plain, y_grad.detach()) and torch.equal(s_plain, s_grad)
+
+
 @pytest.mark.parametrize("chunk_len", [0, 1, 4])
 @pytest.mark.parametrize("carried", [False, True])
 def test_gradcheck_float64(carried, chunk_len):
