@@ -65,7 +65,7 @@ class Int8Linear(nn.Module):
 def quantize_int8(model: nn.Module) -> list[str]:
     """Replace, in place, every ``nn.Linear`` of ``model`` by an :class:`Int8Linear`; returns their names.
 
-    Adapters keep their small LoRA matrices in bfloat16 and only their frozen base layer is quantised.
+    In an adapter only the frozen base layer is an ``nn.Linear``; its LoRA matrices stay as they are.
     Layers whose input width is not a multiple of 16 stay as they are. The model must be on the CPU.
     """
     devices = {p.device.type for p in model.parameters()}
