@@ -63,3 +63,11 @@ def extension(with_cuda: bool | None = None) -> ModuleType:
         with_cuda=with_cuda,
         verbose=False,
     )
+
+
+def needs_autograd(*inputs: torch.Tensor) -> bool:
+    """Whether a kernel call on ``inputs`` must go through its autograd Function (else: call it directly).
+
+    Decoding and evaluation differentiate nothing; calling the kernel directly skips the Function's overhead.
+    """
+    return torch.is_grad_enabled() and any(t.requires_grad for t in inputs)

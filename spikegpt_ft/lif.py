@@ -31,7 +31,7 @@ import math
 import torch
 from spikingjelly.activation_based import neuron, surrogate
 
-from .extension import extension
+from .extension import extension, needs_autograd
 
 
 def _is_finite_number(value: object) -> bool:
@@ -97,9 +97,9 @@ class CompiledLIFNode(neuron.LIFNode):
             return super().multi_step_forward(x_seq, *args, **kwargs)
         v0 = self.materialize_states((x_seq,), tuple(self._memories.values()), "m")[0]
         settings = (float(self.tau), float(self.v_threshold), float(self.v_reset))
-        if torch.is_grad_enabled() and (x_seq.requires_grad or v0.requires_grad):
+        if needs_autograd(x_seq, v0):
             spikes, v_last = _LIFFunction.apply(x_seq, v0, *settings, float(self.surrogate_function.alpha))
-        else:  # nothing to differentiate (decoding, evaluation): no autograd Function and its overhead
+        else:
             spikes, v_last, _ = extension().lif_forward(x_seq, v0, *settings)
         self._memories["v"] = v_last
         self.v_seq = None

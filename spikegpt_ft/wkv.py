@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import torch
 
-from .extension import extension
+from .extension import extension, needs_autograd
 
 #: ``p`` of a fresh state: "minus infinity" that stays finite under addition.
 FRESH_EXPONENT = -1e38
@@ -88,8 +88,8 @@ def wkv(
     else:
         k, v = k.to(compute).contiguous(), v.to(compute).contiguous()
     state = state.to(compute).contiguous()
-    if torch.is_grad_enabled() and any(t.requires_grad for t in (w, u, k, v)):
+    if needs_autograd(w, u, k, v):
         y, state_out = WKVFunction.apply(w, u, k, v, state, chunk_len)
-    else:  # nothing to differentiate (decoding, evaluation): no autograd Function and its overhead
+    else:
         y, _, state_out = _on_device(extension().wkv_forward, w, u, k, v, state, chunk_len)
     return y.to(out_dtype), state_out.float()
