@@ -29,6 +29,8 @@
 #include <limits>
 #include <vector>
 
+#include "cpu_clones.h"
+
 #pragma GCC optimize("no-fast-math", "fp-contract=off", "no-trapping-math")
 
 namespace {
@@ -46,14 +48,8 @@ struct Neuron {
   float tau, threshold, reset;
 };
 
-// The extension is built for the baseline x86-64 (SSE2); the two loops below also get AVX2 and AVX-512
-// clones, picked at load time for the CPU at hand (about 2x faster). The same IEEE operations run in
-// each (no FMA: fp-contract is off), so the results do not depend on which clone runs.
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-#define LIF_CPU_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
-#else
-#define LIF_CPU_CLONES
-#endif
+// The two loops below get AVX2 and AVX-512 clones (cpu_clones.h). The same IEEE operations run in each
+// (no FMA: fp-contract is off), so the results do not depend on which clone runs.
 
 // Run `body(c0, n)` over blocks of channels [c0, c0 + n): each thread takes one contiguous range of
 // channels (when the work is large enough to need threads), cut into blocks of at most kBlock.
@@ -65,7 +61,7 @@ void over_channel_blocks(int64_t T, int64_t N, const F& body) {
   });
 }
 
-LIF_CPU_CLONES void forward_block(const float* __restrict__ x, const float* __restrict__ v0,
+CPU_CLONES void forward_block(const float* __restrict__ x, const float* __restrict__ v0,
                                   float* __restrict__ spikes, float* __restrict__ v_last, float* __restrict__ h,
                                   int64_t T, int64_t N, int64_t c0, int64_t n, Neuron p) {
   float v[kBlock];
@@ -85,7 +81,7 @@ LIF_CPU_CLONES void forward_block(const float* __restrict__ x, const float* __re
 
 // Reverse sweep. `carry` is dL/dv_t, the gradient reaching the membrane after step t: grad_v_last at
 // the last step, then what step t+1 sends back through its charge (dh/dv = 1 - 1/tau).
-LIF_CPU_CLONES void backward_block(const float* __restrict__ grad_spikes, const float* __restrict__ grad_v_last,
+CPU_CLONES void backward_block(const float* __restrict__ grad_spikes, const float* __restrict__ grad_v_last,
                                    const float* __restrict__ h, float* __restrict__ grad_x,
                                    float* __restrict__ grad_v0, int64_t T, int64_t N, int64_t c0, int64_t n, Neuron p,
                                    float half_alpha, float atan_scale) {

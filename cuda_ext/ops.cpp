@@ -4,16 +4,18 @@
 // inputs' GPU current, so this file needs no CUDA headers and compiles against any torch build.
 #include <torch/extension.h>
 
+#include <optional>
+
 #ifdef WITH_CUDA
 #include "wkv_core.h"
 #include "wkv_cuda.h"
 #endif
 
-std::vector<torch::Tensor> wkv_forward_cpu(torch::Tensor w, torch::Tensor u, torch::Tensor k,
-                                           torch::Tensor v, torch::Tensor state, int64_t chunk_len);
-std::vector<torch::Tensor> wkv_backward_cpu(torch::Tensor w, torch::Tensor u, torch::Tensor k,
-                                            torch::Tensor v, torch::Tensor y, torch::Tensor log_den,
-                                            torch::Tensor gy, torch::Tensor state, int64_t chunk_len);
+std::vector<torch::Tensor> wkv_forward_cpu(torch::Tensor w, torch::Tensor u, torch::Tensor k, torch::Tensor v,
+                                           std::optional<torch::Tensor> r, torch::Tensor state, int64_t chunk_len);
+std::vector<torch::Tensor> wkv_backward_cpu(torch::Tensor w, torch::Tensor u, torch::Tensor k, torch::Tensor v,
+                                            std::optional<torch::Tensor> r, torch::Tensor y, torch::Tensor log_den,
+                                            torch::Tensor gout, torch::Tensor state, int64_t chunk_len);
 // The LIF neuron's CPU kernels (lif_cpu.cpp); on a GPU SpikingJelly's own kernels run instead.
 std::vector<torch::Tensor> lif_forward_cpu(torch::Tensor x, torch::Tensor v0, double tau, double v_threshold,
                                            double v_reset);
@@ -33,9 +35,11 @@ WkvInput input_kind(const torch::Tensor& k) {
 }
 
 void check_cuda(const torch::Tensor& w, const torch::Tensor& u, const torch::Tensor& k,
-                const torch::Tensor& v, const torch::Tensor& state) {
+                const torch::Tensor& v, const std::optional<torch::Tensor>& r, const torch::Tensor& state) {
   TORCH_CHECK(k.dim() == 3 && v.sizes() == k.sizes() && v.scalar_type() == k.scalar_type(),
               "wkv: k and v must both be [B, T, C] of one dtype");
+  TORCH_CHECK(!r || (r->sizes() == k.sizes() && r->scalar_type() == k.scalar_type()),
+              "wkv: the receptance r must be [B, T, C] of k's dtype");
   const auto C = k.size(2);
   TORCH_CHECK(w.dim() == 1 && w.size(0) == C && u.sizes() == w.sizes(), "wkv: w and u must be [C]");
   TORCH_CHECK(state.dim() == 3 && state.size(0) == k.size(0) && state.size(1) == 3 &&
@@ -44,7 +48,7 @@ void check_cuda(const torch::Tensor& w, const torch::Tensor& u, const torch::Ten
   for (const auto* x : {&w, &u, &state}) {
     TORCH_CHECK(x->scalar_type() == torch::kFloat32, "wkv (cuda): w, u and state must be float32");
   }
-  for (const auto* x : {&w, &u, &k, &v, &state}) {
+  for (const auto* x : {&w, &u, &k, &v, &state, r ? &*r : &k}) {
     TORCH_CHECK(x->is_cuda() && x->is_contiguous() && x->device() == k.device(),
                 "wkv (cuda): all inputs must be contiguous tensors on one GPU");
   }
@@ -55,46 +59,52 @@ void check_cuda(const torch::Tensor& w, const torch::Tensor& u, const torch::Ten
 }  // namespace
 #endif
 
-// chunk_len: tokens per chunk run in parallel (0: the device's default; see wkv_core.h).
-std::vector<torch::Tensor> wkv_forward(torch::Tensor w, torch::Tensor u, torch::Tensor k,
-                                       torch::Tensor v, torch::Tensor state, int64_t chunk_len,
+// chunk_len: tokens per chunk run in parallel (0: the device's default; see wkv_core.h). r: the optional
+// receptance; with it `out` is the gated output sigmoid(r) y (else `out` is y). Returns (y, log_den, state_out, out).
+std::vector<torch::Tensor> wkv_forward(torch::Tensor w, torch::Tensor u, torch::Tensor k, torch::Tensor v,
+                                       std::optional<torch::Tensor> r, torch::Tensor state, int64_t chunk_len,
                                        int64_t stream) {
-  if (k.device().is_cpu()) return wkv_forward_cpu(w, u, k, v, state, chunk_len);
+  if (k.device().is_cpu()) return wkv_forward_cpu(w, u, k, v, r, state, chunk_len);
 #ifdef WITH_CUDA
-  check_cuda(w, u, k, v, state);
+  check_cuda(w, u, k, v, r, state);
   const auto f32 = k.options().dtype(torch::kFloat32);
   auto y = torch::empty(k.sizes(), f32), log_den = torch::empty(k.sizes(), f32);
+  auto out = r ? torch::empty(k.sizes(), f32) : y;
   auto state_out = torch::empty_like(state);
   const int64_t len = wkv_cuda_chunk_len(k.size(0), k.size(1), k.size(2), chunk_len);
   wkv_forward_cuda(input_kind(k), k.size(0), k.size(1), k.size(2), len, w.data_ptr<float>(),
-                   u.data_ptr<float>(), k.data_ptr(), v.data_ptr(), state.data_ptr<float>(),
-                   y.data_ptr<float>(), log_den.data_ptr<float>(), state_out.data_ptr<float>(),
+                   u.data_ptr<float>(), k.data_ptr(), v.data_ptr(), r ? r->data_ptr() : nullptr,
+                   state.data_ptr<float>(), y.data_ptr<float>(), log_den.data_ptr<float>(),
+                   r ? out.data_ptr<float>() : nullptr, state_out.data_ptr<float>(),
                    reinterpret_cast<void*>(stream));
-  return {y, log_den, state_out};
+  return {y, log_den, state_out, out};
 #else
   TORCH_CHECK(false, "wkv: this build of the extension has no CUDA kernels");
 #endif
 }
 
-std::vector<torch::Tensor> wkv_backward(torch::Tensor w, torch::Tensor u, torch::Tensor k,
-                                        torch::Tensor v, torch::Tensor y, torch::Tensor log_den,
-                                        torch::Tensor gy, torch::Tensor state, int64_t chunk_len,
+// gout: the gradient of forward's `out`. Returns (gw [B*chunks, C], gu [B*chunks, C], gk, gv, gr); gr is
+// empty without r.
+std::vector<torch::Tensor> wkv_backward(torch::Tensor w, torch::Tensor u, torch::Tensor k, torch::Tensor v,
+                                        std::optional<torch::Tensor> r, torch::Tensor y, torch::Tensor log_den,
+                                        torch::Tensor gout, torch::Tensor state, int64_t chunk_len,
                                         int64_t stream) {
-  if (k.device().is_cpu()) return wkv_backward_cpu(w, u, k, v, y, log_den, gy, state, chunk_len);
+  if (k.device().is_cpu()) return wkv_backward_cpu(w, u, k, v, r, y, log_den, gout, state, chunk_len);
 #ifdef WITH_CUDA
-  check_cuda(w, u, k, v, state);
-  gy = gy.to(torch::kFloat32).contiguous();
+  check_cuda(w, u, k, v, r, state);
+  gout = gout.to(torch::kFloat32).contiguous();
   const auto f32 = k.options().dtype(torch::kFloat32);
   const int64_t B = k.size(0), T = k.size(1), C = k.size(2);
   const int64_t len = wkv_cuda_chunk_len(B, T, C, chunk_len);
   auto gk = torch::empty(k.sizes(), f32), gv = torch::empty(k.sizes(), f32);
+  auto gr = torch::empty({r ? B : 0, T, C}, f32);
   auto gw = torch::empty({B * wkv::chunk_count(T, len), C}, f32), gu = torch::empty_like(gw);
-  wkv_backward_cuda(input_kind(k), B, T, C, len, w.data_ptr<float>(),
-                    u.data_ptr<float>(), k.data_ptr(), v.data_ptr(), y.data_ptr<float>(),
-                    log_den.data_ptr<float>(), gy.data_ptr<float>(), state.data_ptr<float>(),
-                    gw.data_ptr<float>(), gu.data_ptr<float>(), gk.data_ptr<float>(),
-                    gv.data_ptr<float>(), reinterpret_cast<void*>(stream));
-  return {gw, gu, gk, gv};
+  wkv_backward_cuda(input_kind(k), B, T, C, len, w.data_ptr<float>(), u.data_ptr<float>(), k.data_ptr(),
+                    v.data_ptr(), r ? r->data_ptr() : nullptr, y.data_ptr<float>(), log_den.data_ptr<float>(),
+                    gout.data_ptr<float>(), state.data_ptr<float>(), gw.data_ptr<float>(), gu.data_ptr<float>(),
+                    gk.data_ptr<float>(), gv.data_ptr<float>(), r ? gr.data_ptr<float>() : nullptr,
+                    reinterpret_cast<void*>(stream));
+  return {gw, gu, gk, gv, gr};
 #else
   TORCH_CHECK(false, "wkv: this build of the extension has no CUDA kernels");
 #endif
@@ -102,10 +112,10 @@ std::vector<torch::Tensor> wkv_backward(torch::Tensor w, torch::Tensor u, torch:
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("wkv_forward", &wkv_forward,
-        "WKV forward: (w, u, k, v, state, chunk_len, cuda_stream) -> (y, log_den, state_out)");
+        "WKV forward: (w, u, k, v, r or None, state, chunk_len, cuda_stream) -> (y, log_den, state_out, out)");
   m.def("wkv_backward", &wkv_backward,
-        "WKV backward: (w, u, k, v, y, log_den, gy, state, chunk_len, cuda_stream) -> "
-        "(gw[B*chunks,C], gu[B*chunks,C], gk, gv)");
+        "WKV backward: (w, u, k, v, r or None, y, log_den, gout, state, chunk_len, cuda_stream) -> "
+        "(gw[B*chunks,C], gu[B*chunks,C], gk, gv, gr)");
   m.def("lif_forward", &lif_forward_cpu,
         "LIF forward (cpu): (x[T,*S], v0[S], tau, v_threshold, v_reset) -> (spikes[T,*S], v_last[S], h[T,*S])");
   m.def("lif_backward", &lif_backward_cpu,

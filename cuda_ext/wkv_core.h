@@ -15,6 +15,10 @@
 //   gw   = sum_t e^{k_t} (v_t Ha(t) + Hb(t)) + e^{p_0} (Ha(-1) a_0 + Hb(-1) b_0)
 // with G(t-1) = e^w G(t) + gy_t / D_t and H(t-1) = e^w (H(t) + G(t)).
 //
+// Receptance gate. The time mix multiplies the WKV output by sigmoid(r); the kernels can do that too, so
+// the gated output comes out of the same pass (and its gradients out of the reverse one):
+//   out_t = sigmoid(r_t) y_t,   gy_t = gout_t sigmoid(r_t),   gr_t = gout_t y_t sigmoid(r_t) (1 - sigmoid(r_t)).
+//
 // Chunks. Both sweeps are linear in their state, so a sequence cut into chunks can be run chunk by
 // chunk in parallel: first each chunk's own contribution from a fresh state (its "summary"), then
 // the state entering every chunk by folding the summaries before it (carry_over / carry_back), then
@@ -42,6 +46,24 @@ WKV_FN float log_(float x) { return logf(x); }
 WKV_FN double log_(double x) { return log(x); }
 template <typename S>
 WKV_FN S max_(S x, S y) { return x > y ? x : y; }
+
+// The logistic sigmoid, in a form whose exp never overflows (the kernels are built to assume no inf).
+template <typename S>
+WKV_FN S sigmoid_(S x) {
+  const S e = exp_(-max_(x, -x)), s = S(1) / (S(1) + e);  // e = exp(-|x|) <= 1
+  return x >= S(0) ? s : e * s;
+}
+
+// The gradient reaching the WKV output y_t from the gradient gout of the gated output sigmoid(r) y.
+template <typename S>
+WKV_FN S gate_grad_y(S gout, S r) { return gout * sigmoid_(r); }
+
+// The gradient reaching the receptance r_t from the gradient gout of the gated output.
+template <typename S>
+WKV_FN S gate_grad_r(S gout, S r, S y) {
+  const S s = sigmoid_(r);
+  return gout * y * s * (S(1) - s);
+}
 
 // The chunk length used for a requested one: 0, or T and more, mean one chunk of all T tokens.
 WKV_FN int64_t chunk_length(int64_t T, int64_t requested) { return requested <= 0 || requested >= T ? T : requested; }

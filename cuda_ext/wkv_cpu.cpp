@@ -1,10 +1,12 @@
 // WKV operator on the CPU: forward and backward of the SpikeGPT time-mix recurrence, with the
 // per-channel arithmetic of wkv_core.h (the same functions the CUDA kernels call).
 //
-// Layout: k, v, y, log_den, gy, gk, gv are [B, T, C] contiguous; w, u are [C]; state is [B, 3, C]
-// holding (a, b, p). Each (batch, channel) pair is an independent recurrence over T, so the work is
-// split over batch x channel blocks; inside a block the channel loop is innermost and contiguous
-// so the compiler vectorises it.
+// Layout: k, v, r, y, log_den, out, gout, gk, gv, gr are [B, T, C] contiguous; w, u are [C]; state is
+// [B, 3, C] holding (a, b, p). The receptance r is optional: with it the kernels also give the gated output
+// out = sigmoid(r) y and take its gradient gout (see wkv_core.h); without it gout is the gradient of y.
+// Each (batch, channel) pair is an independent recurrence over T, so the work is split over batch x
+// channel blocks; inside a block the channel loop is innermost and contiguous so the compiler vectorises
+// it (for AVX-512 and AVX2 too, see cpu_clones.h).
 //
 // `chunk_len` cuts T into chunks that are run in parallel too (see wkv_core.h); 0 means one chunk,
 // which is what the CPU wants (batch x channel blocks already outnumber its cores). Other values
@@ -17,7 +19,10 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <optional>
+#include <type_traits>
 
+#include "cpu_clones.h"
 #include "wkv_core.h"
 
 namespace {
@@ -58,8 +63,8 @@ void parallel_over(int64_t B, int64_t C, int64_t chunks, int64_t tokens, const F
 
 // The chunk's own forward state from a fresh start, written to `summary` ([3, C]).
 template <typename S>
-void summarize_forward(const S* w, const S* k, const S* v, S* summary, int64_t C, const Work& at, int64_t t0,
-                       int64_t t1) {
+CPU_CLONES void summarize_forward(const S* __restrict__ w, const S* __restrict__ k, const S* __restrict__ v,
+                                  S* __restrict__ summary, int64_t C, const Work& at, int64_t t0, int64_t t1) {
   S a[kChannelBlock], b[kChannelBlock], p[kChannelBlock];
   for (int64_t j = 0; j < at.n; ++j) {
     a[j] = b[j] = 0;
@@ -76,11 +81,16 @@ void summarize_forward(const S* w, const S* k, const S* v, S* summary, int64_t C
   }
 }
 
-// Outputs of tokens [t0, t1) from the state `start` ([3, C]); the state after them goes to `end`
-// when it is not null.
-template <typename S>
-void forward_chunk(const S* w, const S* u, const S* k, const S* v, const S* start, S* y, S* log_den, S* end,
-                   int64_t C, const Work& at, int64_t t0, int64_t t1) {
+// The gate is a compile-time choice (kGated: r and the gated arrays are given, else they are null), so
+// that the inner loops below carry no branch and vectorise.
+
+// Outputs of tokens [t0, t1) from the state `start` ([3, C]), and their gated outputs; the state after
+// them goes to `end` when it is not null.
+template <bool kGated, typename S>
+CPU_CLONES void forward_chunk(const S* __restrict__ w, const S* __restrict__ u, const S* __restrict__ k,
+                              const S* __restrict__ v, const S* __restrict__ r, const S* __restrict__ start,
+                              S* __restrict__ y, S* __restrict__ log_den, S* __restrict__ out, S* __restrict__ end,
+                              int64_t C, const Work& at, int64_t t0, int64_t t1) {
   S a[kChannelBlock], b[kChannelBlock], p[kChannelBlock];
   for (int64_t j = 0; j < at.n; ++j) {
     a[j] = start[at.c0 + j];
@@ -90,8 +100,12 @@ void forward_chunk(const S* w, const S* u, const S* k, const S* v, const S* star
   for (int64_t t = t0; t < t1; ++t) {
     const int64_t row = t * C + at.c0;
     for (int64_t j = 0; j < at.n; ++j) {
-      wkv::forward_token(a[j], b[j], p[j], w[at.c0 + j], u[at.c0 + j], k[row + j], v[row + j], y[row + j],
-                         log_den[row + j]);
+      const int64_t i = row + j;
+      S yt, ld;
+      wkv::forward_token(a[j], b[j], p[j], w[at.c0 + j], u[at.c0 + j], k[i], v[i], yt, ld);
+      y[i] = yt;
+      log_den[i] = ld;
+      if constexpr (kGated) out[i] = wkv::sigmoid_(r[i]) * yt;
     }
   }
   if (end == nullptr) return;
@@ -103,9 +117,10 @@ void forward_chunk(const S* w, const S* u, const S* k, const S* v, const S* star
 }
 
 // The chunk's own reverse state from a fresh start (nothing after it), written to `summary` ([5, C]).
-template <typename S>
-void summarize_backward(const S* w, const S* y, const S* log_den, const S* gy, S* summary, int64_t C,
-                        const Work& at, int64_t t0, int64_t t1) {
+template <bool kGated, typename S>
+CPU_CLONES void summarize_backward(const S* __restrict__ w, const S* __restrict__ r, const S* __restrict__ y,
+                                   const S* __restrict__ log_den, const S* __restrict__ gout,
+                                   S* __restrict__ summary, int64_t C, const Work& at, int64_t t0, int64_t t1) {
   S ga[kChannelBlock], gb[kChannelBlock], ha[kChannelBlock], hb[kChannelBlock], gp[kChannelBlock];
   for (int64_t j = 0; j < at.n; ++j) {
     ga[j] = gb[j] = ha[j] = hb[j] = 0;
@@ -114,7 +129,10 @@ void summarize_backward(const S* w, const S* y, const S* log_den, const S* gy, S
   for (int64_t t = t1 - 1; t >= t0; --t) {
     const int64_t row = t * C + at.c0;
     for (int64_t j = 0; j < at.n; ++j) {
-      wkv::retreat(ga[j], gb[j], ha[j], hb[j], gp[j], w[at.c0 + j], y[row + j], gy[row + j], log_den[row + j]);
+      const int64_t i = row + j;
+      S gy = gout[i];
+      if constexpr (kGated) gy = wkv::gate_grad_y(gout[i], r[i]);
+      wkv::retreat(ga[j], gb[j], ha[j], hb[j], gp[j], w[at.c0 + j], y[i], gy, log_den[i]);
     }
   }
   S* out[5] = {ga, gb, ha, hb, gp};
@@ -123,13 +141,16 @@ void summarize_backward(const S* w, const S* y, const S* log_den, const S* gy, S
   }
 }
 
-// Gradients of tokens [t0, t1) from the reverse state `entering` ([5, C], null for a fresh one);
-// this chunk's parts of gw and gu go to gw_part and gu_part ([C]). The chunk that starts the
+// Gradients of tokens [t0, t1) from the reverse state `entering` ([5, C], null for a fresh one), r's
+// included; this chunk's parts of gw and gu go to gw_part and gu_part ([C]). The chunk that starts the
 // sequence also adds gw's term of the initial state `state_in` ([3, C]).
-template <typename S>
-void backward_chunk(const S* w, const S* u, const S* k, const S* v, const S* y, const S* log_den, const S* gy,
-                    const S* entering, const S* state_in, S* gk, S* gv, S* gw_part, S* gu_part, int64_t C,
-                    const Work& at, int64_t t0, int64_t t1) {
+template <bool kGated, typename S>
+CPU_CLONES void backward_chunk(const S* __restrict__ w, const S* __restrict__ u, const S* __restrict__ k,
+                               const S* __restrict__ v, const S* __restrict__ r, const S* __restrict__ y,
+                               const S* __restrict__ log_den, const S* __restrict__ gout,
+                               const S* __restrict__ entering, const S* __restrict__ state_in, S* __restrict__ gk,
+                               S* __restrict__ gv, S* __restrict__ gr, S* __restrict__ gw_part,
+                               S* __restrict__ gu_part, int64_t C, const Work& at, int64_t t0, int64_t t1) {
   S ga[kChannelBlock], gb[kChannelBlock], ha[kChannelBlock], hb[kChannelBlock], gp[kChannelBlock];
   S acc_w[kChannelBlock], acc_u[kChannelBlock];
   S* carried[5] = {ga, gb, ha, hb, gp};
@@ -143,7 +164,12 @@ void backward_chunk(const S* w, const S* u, const S* k, const S* v, const S* y, 
     const int64_t row = t * C + at.c0;
     for (int64_t j = 0; j < at.n; ++j) {
       const int64_t i = row + j, c = at.c0 + j;
-      wkv::backward_token(ga[j], gb[j], ha[j], hb[j], gp[j], w[c], u[c], k[i], v[i], y[i], gy[i], log_den[i],
+      S gy = gout[i];
+      if constexpr (kGated) {
+        gy = wkv::gate_grad_y(gout[i], r[i]);
+        gr[i] = wkv::gate_grad_r(gout[i], r[i], y[i]);
+      }
+      wkv::backward_token(ga[j], gb[j], ha[j], hb[j], gp[j], w[c], u[c], k[i], v[i], y[i], gy, log_den[i],
                           gk[i], gv[i], acc_w[j], acc_u[j]);
     }
   }
@@ -158,37 +184,67 @@ void backward_chunk(const S* w, const S* u, const S* k, const S* v, const S* y, 
 }
 
 void check_inputs(const torch::Tensor& w, const torch::Tensor& u, const torch::Tensor& k,
-                  const torch::Tensor& v, const torch::Tensor& state) {
+                  const torch::Tensor& v, const std::optional<torch::Tensor>& r, const torch::Tensor& state) {
   TORCH_CHECK(k.dim() == 3 && v.sizes() == k.sizes(), "wkv: k and v must both be [B, T, C]");
+  TORCH_CHECK(!r || r->sizes() == k.sizes(), "wkv: the receptance r must be [B, T, C] like k");
   TORCH_CHECK(k.size(1) > 0, "wkv: the sequence must hold at least one token");
   const auto B = k.size(0), C = k.size(2);
   TORCH_CHECK(w.dim() == 1 && w.size(0) == C && u.sizes() == w.sizes(), "wkv: w and u must be [C]");
   TORCH_CHECK(state.dim() == 3 && state.size(0) == B && state.size(1) == 3 && state.size(2) == C,
               "wkv: state must be [B, 3, C]");
-  for (const auto* x : {&w, &u, &k, &v, &state}) {
+  for (const auto* x : {&w, &u, &k, &v, &state, r ? &*r : &k}) {
     TORCH_CHECK(x->is_contiguous() && x->scalar_type() == k.scalar_type() && x->device().is_cpu(),
                 "wkv (cpu): all inputs must be contiguous CPU tensors of one floating dtype");
   }
 }
 
+// A pointer to an optional tensor's data, null when it is absent.
+template <typename S>
+S* data_or_null(const std::optional<torch::Tensor>& x) {
+  return x ? x->data_ptr<S>() : nullptr;
+}
+
+// Calls body(std::true_type{}) with a receptance, body(std::false_type{}) without.
+template <typename F>
+void with_gate(bool gated, const F& body) {
+  if (gated) {
+    body(std::true_type{});
+  } else {
+    body(std::false_type{});
+  }
+}
+
+// `p + n`, or null for a null `p` (an optional array's row).
+template <typename S>
+S* offset(S* p, int64_t n) {
+  return p != nullptr ? p + n : nullptr;
+}
+
 }  // namespace
 
+// Returns (y, log_den, state_out, out): out is the gated output sigmoid(r) y, or y itself without r.
 std::vector<torch::Tensor> wkv_forward_cpu(torch::Tensor w, torch::Tensor u, torch::Tensor k, torch::Tensor v,
-                                           torch::Tensor state, int64_t chunk_len) {
-  check_inputs(w, u, k, v, state);
+                                           std::optional<torch::Tensor> r, torch::Tensor state,
+                                           int64_t chunk_len) {
+  check_inputs(w, u, k, v, r, state);
   const int64_t B = k.size(0), T = k.size(1), C = k.size(2);
   const Chunks chunks(T, chunk_len);
   auto y = torch::empty_like(k), log_den = torch::empty_like(k), state_out = torch::empty_like(state);
+  auto out = r ? torch::empty_like(k) : y;
   // with several chunks: first each chunk's summary, then (in place) the state entering it
   auto entering = torch::empty({chunks.count > 1 ? B * chunks.count : 0, 3, C}, state.options());
-  AT_DISPATCH_FLOATING_TYPES(k.scalar_type(), "wkv_forward_cpu", [&] {
+  AT_DISPATCH_FLOATING_TYPES(k.scalar_type(), "wkv_forward_cpu", [&] { with_gate(r.has_value(), [&](auto gate) {
+    constexpr bool kGated = decltype(gate)::value;
     const scalar_t *w_ = w.data_ptr<scalar_t>(), *u_ = u.data_ptr<scalar_t>();
     const scalar_t *k_ = k.data_ptr<scalar_t>(), *v_ = v.data_ptr<scalar_t>(), *s_in = state.data_ptr<scalar_t>();
     scalar_t *y_ = y.data_ptr<scalar_t>(), *ld_ = log_den.data_ptr<scalar_t>(), *s_out = state_out.data_ptr<scalar_t>();
+    const scalar_t* r_ = data_or_null<scalar_t>(r);
+    scalar_t* out_ = r ? out.data_ptr<scalar_t>() : nullptr;
     if (chunks.count == 1) {
       parallel_over(B, C, 1, T, [&](const Work& at) {
         const int64_t seq = at.b * T * C, st = at.b * 3 * C;
-        forward_chunk(w_, u_, k_ + seq, v_ + seq, s_in + st, y_ + seq, ld_ + seq, s_out + st, C, at, 0, T);
+        forward_chunk<kGated>(w_, u_, k_ + seq, v_ + seq, offset(r_, seq), s_in + st, y_ + seq, ld_ + seq,
+                              offset(out_, seq), s_out + st, C, at, 0, T);
       });
       return;
     }
@@ -220,40 +276,45 @@ std::vector<torch::Tensor> wkv_forward_cpu(torch::Tensor w, torch::Tensor u, tor
     });
     parallel_over(B, C, chunks.count, chunks.len, [&](const Work& at) {
       const int64_t seq = at.b * T * C;
-      forward_chunk(w_, u_, k_ + seq, v_ + seq, slot(at.b, at.j), y_ + seq, ld_ + seq,
-                    static_cast<scalar_t*>(nullptr), C, at, chunks.begin(at.j), chunks.end(at.j));
+      forward_chunk<kGated>(w_, u_, k_ + seq, v_ + seq, offset(r_, seq), slot(at.b, at.j), y_ + seq, ld_ + seq,
+                            offset(out_, seq), static_cast<scalar_t*>(nullptr), C, at, chunks.begin(at.j),
+                            chunks.end(at.j));
     });
-  });
-  return {y, log_den, state_out};
+  }); });
+  return {y, log_den, state_out, out};
 }
 
+// gout: the gradient of forward's `out`. Returns (gw, gu, gk, gv, gr); gr is empty without r.
 std::vector<torch::Tensor> wkv_backward_cpu(torch::Tensor w, torch::Tensor u, torch::Tensor k, torch::Tensor v,
-                                            torch::Tensor y, torch::Tensor log_den, torch::Tensor gy,
-                                            torch::Tensor state, int64_t chunk_len) {
-  check_inputs(w, u, k, v, state);
-  TORCH_CHECK(y.sizes() == k.sizes() && log_den.sizes() == k.sizes() && gy.sizes() == k.sizes(),
-              "wkv backward: y, log_den and gy must match k");
-  gy = gy.contiguous();
+                                            std::optional<torch::Tensor> r, torch::Tensor y, torch::Tensor log_den,
+                                            torch::Tensor gout, torch::Tensor state, int64_t chunk_len) {
+  check_inputs(w, u, k, v, r, state);
+  TORCH_CHECK(y.sizes() == k.sizes() && log_den.sizes() == k.sizes() && gout.sizes() == k.sizes(),
+              "wkv backward: y, log_den and gout must match k");
+  gout = gout.contiguous();
   const int64_t B = k.size(0), T = k.size(1), C = k.size(2);
   const Chunks chunks(T, chunk_len);
   auto gk = torch::empty_like(k), gv = torch::empty_like(k);
+  auto gr = torch::empty({r ? B : 0, T, C}, k.options());
   // one row of gw and gu per (batch, chunk); the caller sums them
   auto gw = torch::empty({B * chunks.count, C}, k.options()), gu = torch::empty_like(gw);
   auto entering = torch::empty({chunks.count > 1 ? B * chunks.count : 0, 5, C}, k.options());
-  AT_DISPATCH_FLOATING_TYPES(k.scalar_type(), "wkv_backward_cpu", [&] {
+  AT_DISPATCH_FLOATING_TYPES(k.scalar_type(), "wkv_backward_cpu", [&] { with_gate(r.has_value(), [&](auto gate) {
+    constexpr bool kGated = decltype(gate)::value;
     const scalar_t *w_ = w.data_ptr<scalar_t>(), *u_ = u.data_ptr<scalar_t>();
     const scalar_t *k_ = k.data_ptr<scalar_t>(), *v_ = v.data_ptr<scalar_t>(), *y_ = y.data_ptr<scalar_t>();
-    const scalar_t *ld_ = log_den.data_ptr<scalar_t>(), *gy_ = gy.data_ptr<scalar_t>();
-    const scalar_t* s_in = state.data_ptr<scalar_t>();
+    const scalar_t *ld_ = log_den.data_ptr<scalar_t>(), *go_ = gout.data_ptr<scalar_t>();
+    const scalar_t *s_in = state.data_ptr<scalar_t>(), *r_ = data_or_null<scalar_t>(r);
     scalar_t *gk_ = gk.data_ptr<scalar_t>(), *gv_ = gv.data_ptr<scalar_t>();
+    scalar_t* gr_ = r ? gr.data_ptr<scalar_t>() : nullptr;
     scalar_t *gw_ = gw.data_ptr<scalar_t>(), *gu_ = gu.data_ptr<scalar_t>();
     scalar_t* ent = chunks.count > 1 ? entering.data_ptr<scalar_t>() : nullptr;
     const auto slot = [&](int64_t b, int64_t j) { return ent + (b * chunks.count + j) * 5 * C; };
     if (chunks.count > 1) {
       parallel_over(B, C, chunks.count, chunks.len, [&](const Work& at) {
         const int64_t seq = at.b * T * C;
-        summarize_backward(w_, y_ + seq, ld_ + seq, gy_ + seq, slot(at.b, at.j), C, at, chunks.begin(at.j),
-                           chunks.end(at.j));
+        summarize_backward<kGated>(w_, offset(r_, seq), y_ + seq, ld_ + seq, go_ + seq, slot(at.b, at.j), C, at,
+                                   chunks.begin(at.j), chunks.end(at.j));
       });
       parallel_over(B, C, 1, chunks.count, [&](const Work& at) {
         for (int64_t j = 0; j < at.n; ++j) {
@@ -272,10 +333,11 @@ std::vector<torch::Tensor> wkv_backward_cpu(torch::Tensor w, torch::Tensor u, to
     }
     parallel_over(B, C, chunks.count, chunks.len, [&](const Work& at) {
       const int64_t seq = at.b * T * C, part = (at.b * chunks.count + at.j) * C;
-      backward_chunk(w_, u_, k_ + seq, v_ + seq, y_ + seq, ld_ + seq, gy_ + seq,
-                     ent != nullptr ? static_cast<const scalar_t*>(slot(at.b, at.j)) : nullptr, s_in + at.b * 3 * C,
-                     gk_ + seq, gv_ + seq, gw_ + part, gu_ + part, C, at, chunks.begin(at.j), chunks.end(at.j));
+      backward_chunk<kGated>(w_, u_, k_ + seq, v_ + seq, offset(r_, seq), y_ + seq, ld_ + seq, go_ + seq,
+                             ent != nullptr ? static_cast<const scalar_t*>(slot(at.b, at.j)) : nullptr,
+                             s_in + at.b * 3 * C, gk_ + seq, gv_ + seq, offset(gr_, seq), gw_ + part, gu_ + part, C,
+                             at, chunks.begin(at.j), chunks.end(at.j));
     });
-  });
-  return {gw, gu, gk, gv};
+  }); });
+  return {gw, gu, gk, gv, gr};
 }

@@ -9,6 +9,10 @@
 // memory), then folds the summaries of the chunks before it (after it, in the reverse sweep) into
 // its true entering state, and runs its chunk again for the outputs. Inputs may be float32, float16
 // or bfloat16; every accumulation is float32. No per-token scratch, so any sequence length works.
+//
+// Fused gate. Given the receptance r, the forward also writes the time mix's gated output
+// sigmoid(r) y and the backward takes that output's gradient, giving r's gradient beside k's and v's:
+// the elementwise work around the operator happens in its own pass over memory.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
@@ -32,11 +36,13 @@ __device__ __forceinline__ float to_float(__half x) { return __half2float(x); }
 __device__ __forceinline__ float to_float(__nv_bfloat16 x) { return __bfloat162float(x); }
 
 // Block: blockDim.x channels x blockDim.y chunks; grid: (channel groups, B). `len`: tokens per chunk.
+// r and out may be null (no gate).
 template <typename F>
 __global__ void forward_kernel(int64_t T, int64_t C, int64_t len, const float* __restrict__ w,
                                const float* __restrict__ u, const F* __restrict__ k, const F* __restrict__ v,
-                               const float* __restrict__ state_in, float* __restrict__ y,
-                               float* __restrict__ log_den, float* __restrict__ state_out) {
+                               const F* __restrict__ r, const float* __restrict__ state_in,
+                               float* __restrict__ y, float* __restrict__ log_den, float* __restrict__ out,
+                               float* __restrict__ state_out) {
   __shared__ float summary[3][kMaxThreads];
   const int lane = threadIdx.x, j = threadIdx.y, chunks = blockDim.y;
   const int64_t c = static_cast<int64_t>(blockIdx.x) * blockDim.x + lane, bi = blockIdx.y;
@@ -77,7 +83,11 @@ __global__ void forward_kernel(int64_t T, int64_t C, int64_t len, const float* _
   }
   if (!active) return;
   for (int64_t t = t0, i = seq + t0 * C; t < t1; ++t, i += C) {
-    wkv::forward_token(a, b, p, wc, uc, to_float(k[i]), to_float(v[i]), y[i], log_den[i]);
+    float yt, ld;
+    wkv::forward_token(a, b, p, wc, uc, to_float(k[i]), to_float(v[i]), yt, ld);
+    y[i] = yt;
+    log_den[i] = ld;
+    if (r != nullptr) out[i] = wkv::sigmoid_(to_float(r[i])) * yt;
   }
   if (chunks == 1) {
     state_out[st] = a;
@@ -86,14 +96,22 @@ __global__ void forward_kernel(int64_t T, int64_t C, int64_t len, const float* _
   }
 }
 
-// Same layout as forward_kernel. gw and gu get one row per (batch, chunk): [B * chunks, C].
+// The gradient reaching y at element i: gout itself, or through the gate when there is one.
+template <typename F>
+__device__ __forceinline__ float grad_y(const float* __restrict__ gout, const F* __restrict__ r, int64_t i) {
+  return r != nullptr ? wkv::gate_grad_y(gout[i], to_float(r[i])) : gout[i];
+}
+
+// Same layout as forward_kernel. gw and gu get one row per (batch, chunk): [B * chunks, C]. r and gr
+// may be null (no gate).
 template <typename F>
 __global__ void backward_kernel(int64_t T, int64_t C, int64_t len, const float* __restrict__ w,
                                 const float* __restrict__ u, const F* __restrict__ k, const F* __restrict__ v,
-                                const float* __restrict__ y, const float* __restrict__ log_den,
-                                const float* __restrict__ gy, const float* __restrict__ state_in,
-                                float* __restrict__ gw, float* __restrict__ gu, float* __restrict__ gk,
-                                float* __restrict__ gv) {
+                                const F* __restrict__ r, const float* __restrict__ y,
+                                const float* __restrict__ log_den, const float* __restrict__ gout,
+                                const float* __restrict__ state_in, float* __restrict__ gw,
+                                float* __restrict__ gu, float* __restrict__ gk, float* __restrict__ gv,
+                                float* __restrict__ gr) {
   __shared__ float summary[5][kMaxThreads];
   const int lane = threadIdx.x, j = threadIdx.y, chunks = blockDim.y;
   const int64_t c = static_cast<int64_t>(blockIdx.x) * blockDim.x + lane, bi = blockIdx.y;
@@ -106,7 +124,7 @@ __global__ void backward_kernel(int64_t T, int64_t C, int64_t len, const float* 
     float l[5] = {0.f, 0.f, 0.f, 0.f, wkv::kFreshExponent};
     if (active) {
       for (int64_t t = t1 - 1, i = seq + (t1 - 1) * C; t >= t0; --t, i -= C) {
-        wkv::retreat(l[0], l[1], l[2], l[3], l[4], wc, y[i], gy[i], log_den[i]);
+        wkv::retreat(l[0], l[1], l[2], l[3], l[4], wc, y[i], grad_y(gout, r, i), log_den[i]);
       }
     }
     const int slot = j * blockDim.x + lane;
@@ -122,8 +140,9 @@ __global__ void backward_kernel(int64_t T, int64_t C, int64_t len, const float* 
   if (!active) return;
   float acc_w = 0.f, acc_u = 0.f;
   for (int64_t t = t1 - 1, i = seq + (t1 - 1) * C; t >= t0; --t, i -= C) {
-    wkv::backward_token(ga, gb, ha, hb, gp, wc, uc, to_float(k[i]), to_float(v[i]), y[i], gy[i], log_den[i],
-                        gk[i], gv[i], acc_w, acc_u);
+    if (r != nullptr) gr[i] = wkv::gate_grad_r(gout[i], to_float(r[i]), y[i]);
+    wkv::backward_token(ga, gb, ha, hb, gp, wc, uc, to_float(k[i]), to_float(v[i]), y[i], grad_y(gout, r, i),
+                        log_den[i], gk[i], gv[i], acc_w, acc_u);
   }
   if (j == 0) {
     const int64_t st = bi * 3 * C + c;
@@ -146,12 +165,13 @@ Launch launch_for(int64_t B, int64_t T, int64_t C, int64_t len) {
           dim3(static_cast<unsigned>(lanes), static_cast<unsigned>(chunks))};
 }
 
-template <typename Kernel32, typename Kernel16, typename KernelB16>
-void dispatch(WkvInput input, Kernel32 f32, Kernel16 f16, KernelB16 bf16) {
+// Calls run(F{}) with F the element type of k and v.
+template <typename Run>
+void dispatch(WkvInput input, const Run& run) {
   switch (input) {
-    case WkvInput::kFloat32: f32(); break;
-    case WkvInput::kFloat16: f16(); break;
-    case WkvInput::kBFloat16: bf16(); break;
+    case WkvInput::kFloat32: run(float{}); break;
+    case WkvInput::kFloat16: run(__half{}); break;
+    case WkvInput::kBFloat16: run(__nv_bfloat16{}); break;
   }
 }
 
@@ -170,50 +190,30 @@ int64_t wkv_cuda_chunk_len(int64_t B, int64_t T, int64_t C, int64_t requested) {
 }
 
 void wkv_forward_cuda(WkvInput input, int64_t B, int64_t T, int64_t C, int64_t chunk_len, const float* w,
-                      const float* u, const void* k, const void* v, const float* state_in, float* y,
-                      float* log_den, float* state_out, void* stream) {
+                      const float* u, const void* k, const void* v, const void* r, const float* state_in,
+                      float* y, float* log_den, float* out, float* state_out, void* stream) {
   auto s = static_cast<cudaStream_t>(stream);
   const Launch at = launch_for(B, T, C, chunk_len);
-  dispatch(
-      input,
-      [&] {
-        forward_kernel<float><<<at.grid, at.block, 0, s>>>(T, C, chunk_len, w, u, static_cast<const float*>(k),
-                                                           static_cast<const float*>(v), state_in, y, log_den,
-                                                           state_out);
-      },
-      [&] {
-        forward_kernel<__half><<<at.grid, at.block, 0, s>>>(T, C, chunk_len, w, u, static_cast<const __half*>(k),
-                                                            static_cast<const __half*>(v), state_in, y, log_den,
-                                                            state_out);
-      },
-      [&] {
-        forward_kernel<__nv_bfloat16><<<at.grid, at.block, 0, s>>>(
-            T, C, chunk_len, w, u, static_cast<const __nv_bfloat16*>(k), static_cast<const __nv_bfloat16*>(v),
-            state_in, y, log_den, state_out);
-      });
+  const auto run = [&](auto element) {
+    using F = decltype(element);
+    forward_kernel<F><<<at.grid, at.block, 0, s>>>(T, C, chunk_len, w, u, static_cast<const F*>(k),
+                                                   static_cast<const F*>(v), static_cast<const F*>(r), state_in,
+                                                   y, log_den, out, state_out);
+  };
+  dispatch(input, run);
 }
 
 void wkv_backward_cuda(WkvInput input, int64_t B, int64_t T, int64_t C, int64_t chunk_len, const float* w,
-                       const float* u, const void* k, const void* v, const float* y, const float* log_den,
-                       const float* gy, const float* state_in, float* gw, float* gu, float* gk, float* gv,
-                       void* stream) {
+                       const float* u, const void* k, const void* v, const void* r, const float* y,
+                       const float* log_den, const float* gout, const float* state_in, float* gw, float* gu,
+                       float* gk, float* gv, float* gr, void* stream) {
   auto s = static_cast<cudaStream_t>(stream);
   const Launch at = launch_for(B, T, C, chunk_len);
-  dispatch(
-      input,
-      [&] {
-        backward_kernel<float><<<at.grid, at.block, 0, s>>>(T, C, chunk_len, w, u, static_cast<const float*>(k),
-                                                            static_cast<const float*>(v), y, log_den, gy,
-                                                            state_in, gw, gu, gk, gv);
-      },
-      [&] {
-        backward_kernel<__half><<<at.grid, at.block, 0, s>>>(T, C, chunk_len, w, u, static_cast<const __half*>(k),
-                                                             static_cast<const __half*>(v), y, log_den, gy,
-                                                             state_in, gw, gu, gk, gv);
-      },
-      [&] {
-        backward_kernel<__nv_bfloat16><<<at.grid, at.block, 0, s>>>(
-            T, C, chunk_len, w, u, static_cast<const __nv_bfloat16*>(k), static_cast<const __nv_bfloat16*>(v), y,
-            log_den, gy, state_in, gw, gu, gk, gv);
-      });
+  const auto run = [&](auto element) {
+    using F = decltype(element);
+    backward_kernel<F><<<at.grid, at.block, 0, s>>>(T, C, chunk_len, w, u, static_cast<const F*>(k),
+                                                    static_cast<const F*>(v), static_cast<const F*>(r), y,
+                                                    log_den, gout, state_in, gw, gu, gk, gv, gr);
+  };
+  dispatch(input, run);
 }

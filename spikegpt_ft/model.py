@@ -129,8 +129,8 @@ class TimeMix(nn.Module):
         """Mix ``y`` ``[B, T, C]`` given the token before it and the WKV state; returns the new WKV state too."""
         mixed_k, mixed_v, mixed_r = shift_mix(y, previous, self.time_mix_k, self.time_mix_v, self.time_mix_r)
         k, v, r = self.key(mixed_k), self.value(mixed_v), self.receptance(mixed_r)
-        wkv_out, wkv_state = wkv(self.time_decay, self.time_first, k, v, wkv_state)
-        return self.output(torch.sigmoid(r) * wkv_out), wkv_state
+        gated, wkv_state = wkv(self.time_decay, self.time_first, k, v, wkv_state, receptance=r)  # sigmoid(r) * wkv
+        return self.output(gated), wkv_state
 
 
 class ChannelMix(nn.Module):

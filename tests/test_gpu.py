@@ -19,29 +19,33 @@ pytestmark = [
 ]
 
 
+@pytest.mark.parametrize("gated", [False, True])
 @pytest.mark.parametrize("chunk_len", [0, 1, 7])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("shape", [(2, 17, 40), (1, 3000, 8), (3, 64, 200)])
-def test_cuda_kernel_matches_cpu_kernel(dtype, shape, chunk_len):
+def test_cuda_kernel_matches_cpu_kernel(dtype, shape, chunk_len, gated):
     """The chunked CUDA kernels (0: their own choice of chunks) against the CPU's single sweep, from a
-    carried state."""
+    carried state, with and without the fused receptance gate."""
     B, T, C = shape
     g = torch.Generator().manual_seed(0)
     td, tf = torch.rand(C, generator=g) * 4 - 3, torch.rand(C, generator=g) * 2 - 1
     k, v = torch.randn(B, T, C, generator=g).to(dtype), torch.randn(B, T, C, generator=g).to(dtype)
+    r = (torch.randn(B, T, C, generator=g) * 3).to(dtype)
     gy = torch.randn(B, T, C, generator=g)
     _, start = wkv(td, tf, torch.randn(B, 5, C, generator=g), torch.randn(B, 5, C, generator=g), fresh_state(B, C))
-    cpu = [x.float().requires_grad_() for x in (td, tf, k, v)]
-    gpu = [x.cuda().requires_grad_() for x in (td, tf, k, v)]
-    y_cpu, s_cpu = wkv(*cpu, start)
-    y_gpu, s_gpu = wkv(*gpu, start.cuda(), chunk_len)
+    inputs = (td, tf, k, v, r) if gated else (td, tf, k, v)
+    cpu = [x.float().requires_grad_() for x in inputs]
+    gpu = [x.cuda().requires_grad_() for x in inputs]
+    y_cpu, s_cpu = wkv(*cpu[:4], start, receptance=cpu[4] if gated else None)
+    y_gpu, s_gpu = wkv(*gpu[:4], start.cuda(), chunk_len, receptance=gpu[4] if gated else None)
     (y_cpu * gy).sum().backward()
     (y_gpu.float() * gy.cuda()).sum().backward()
     tol = 1e-4 if dtype == torch.float32 else 1e-2
     assert (y_gpu.float().cpu() - y_cpu).abs().max() < tol
     assert (s_gpu.cpu() - s_cpu).abs().max() < 1e-3 * s_cpu.abs().max()
+    grad_tol = max(1e-3, torch.finfo(dtype).eps)  # k's, v's and r's gradients come rounded to their dtype
     for a, b in zip(gpu, cpu, strict=True):
-        assert (a.grad.float().cpu() - b.grad).abs().max() <= 1e-3 * b.grad.abs().max()
+        assert (a.grad.float().cpu() - b.grad).abs().max() <= grad_tol * b.grad.abs().max()
 
 
 @pytest.mark.parametrize("name", ["f1", "f2"])

@@ -67,51 +67,97 @@ def random_inputs(B, T, C, dtype=torch.float64, seed=0, scale=1.0):
 CHUNKS = [0, 1, 3, 4]
 
 
+def receptance_like(k, gated, seed=10, scale=3.0):
+    """A receptance for the fused gate (None: no gate), spread enough to reach both tails of the sigmoid."""
+    if not gated:
+        return None
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(k.shape, generator=g, dtype=k.dtype) * scale
+
+
+def gate(r, y):
+    """The time mix's gate written out: ``sigmoid(r) * y`` (``y`` itself without a receptance)."""
+    return y if r is None else torch.sigmoid(r) * y
+
+
+@pytest.mark.parametrize("gated", [False, True])
 @pytest.mark.parametrize("chunk_len", CHUNKS)
-def test_forward_matches_direct_sums_fresh_and_carried_state(chunk_len):
+def test_forward_matches_direct_sums_fresh_and_carried_state(chunk_len, gated):
     td, tf, k, v = random_inputs(2, 9, 5)
-    y, state = wkv(td, tf, k, v, fresh_state(2, 5).double(), chunk_len)
-    assert torch.allclose(y, direct_wkv(td, tf, k, v), atol=1e-12, rtol=1e-10)
+    r = receptance_like(k, gated)
+    y, state = wkv(td, tf, k, v, fresh_state(2, 5).double(), chunk_len, receptance=r)
+    assert torch.allclose(y, gate(r, direct_wkv(td, tf, k, v)), atol=1e-12, rtol=1e-10)
     # continue from the carried state: same as running the whole sequence at once
     td2, tf2, k2, v2 = random_inputs(2, 7, 5, seed=1)
-    y2, _ = wkv(td, tf, k2, v2, state.double(), chunk_len)
+    r2 = receptance_like(k2, gated, seed=11)
+    y2, _ = wkv(td, tf, k2, v2, state.double(), chunk_len, receptance=r2)
     whole = direct_wkv(td, tf, torch.cat([k, k2], 1), torch.cat([v, v2], 1))
-    assert torch.allclose(y2, whole[:, 9:], atol=1e-6, rtol=1e-6)  # state is float32
+    assert torch.allclose(y2, gate(r2, whole[:, 9:]), atol=1e-6, rtol=1e-6)  # state is float32
 
 
-def test_call_without_gradients_equals_the_autograd_call():
+@pytest.mark.parametrize("gated", [False, True])
+def test_call_without_gradients_equals_the_autograd_call(gated):
     """Without anything to differentiate the kernel is called directly; the results are the same bits."""
     td, tf, k, v = random_inputs(2, 9, 5)
+    r = receptance_like(k, gated)
     state = fresh_state(2, 5).double()
     with torch.no_grad():
-        y_plain, s_plain = wkv(td, tf, k, v, state)
+        y_plain, s_plain = wkv(td, tf, k, v, state, receptance=r)
     k.requires_grad_(True)
-    y_grad, s_grad = wkv(td, tf, k, v, state)
+    y_grad, s_grad = wkv(td, tf, k, v, state, receptance=r)
     assert y_plain.grad_fn is None and y_grad.grad_fn is not None
     assert torch.equal(y_plain, y_grad.detach()) and torch.equal(s_plain, s_grad)
 
 
+@pytest.mark.parametrize("gated", [False, True])
 @pytest.mark.parametrize("chunk_len", [0, 1, 4])
 @pytest.mark.parametrize("carried", [False, True])
-def test_gradcheck_float64(carried, chunk_len):
+def test_gradcheck_float64(carried, chunk_len, gated):
     td, tf, k, v = random_inputs(2, 6, 3, seed=2)
     state = fresh_state(2, 3).double()
     if carried:
         _, state = recurrent_wkv(td, tf, *random_inputs(2, 4, 3, seed=3)[2:], state)
     inputs = [x.clone().requires_grad_() for x in (td, tf, k, v)]
-    assert torch.autograd.gradcheck(lambda *a: wkv(*a, state, chunk_len)[0], inputs, eps=1e-6, atol=1e-7)
+    if gated:
+        inputs.append(receptance_like(k, gated).requires_grad_())
+
+    def gated_wkv(td, tf, k, v, r=None):
+        return wkv(td, tf, k, v, state, chunk_len, receptance=r)[0]
+
+    assert torch.autograd.gradcheck(gated_wkv, inputs, eps=1e-6, atol=1e-7)
 
 
+@pytest.mark.parametrize("gated", [False, True])
 @pytest.mark.parametrize("chunk_len", CHUNKS)
-def test_backward_matches_reference_autograd(chunk_len):
+def test_backward_matches_reference_autograd(chunk_len, gated):
     td, tf, k, v = random_inputs(3, 20, 16, dtype=torch.float32, seed=4, scale=3.0)
+    r = receptance_like(k, gated, scale=10.0)  # saturates the sigmoid at both ends too
     gy = torch.randn(3, 20, 16)
-    ours = [x.clone().requires_grad_() for x in (td, tf, k, v)]
-    ref = [x.double().requires_grad_() for x in (td, tf, k, v)]
-    (wkv(*ours, fresh_state(3, 16), chunk_len)[0] * gy).sum().backward()
-    (recurrent_wkv(*ref, fresh_state(3, 16).double())[0] * gy.double()).sum().backward()
+    ours = [x.clone().requires_grad_() for x in (td, tf, k, v) + ((r,) if gated else ())]
+    ref = [x.double().requires_grad_() for x in (td, tf, k, v) + ((r,) if gated else ())]
+    (wkv(*ours[:4], fresh_state(3, 16), chunk_len, receptance=ours[4] if gated else None)[0] * gy).sum().backward()
+    y_ref = recurrent_wkv(*ref[:4], fresh_state(3, 16).double())[0]
+    (gate(ref[4] if gated else None, y_ref) * gy.double()).sum().backward()
     for a, b in zip(ours, ref, strict=True):
         assert torch.allclose(a.grad.double(), b.grad, atol=1e-4 * b.grad.abs().max().item())
+
+
+def test_gate_stays_finite_at_extreme_receptance():
+    """|r| beyond float32's exp range: outputs and gradients are finite; the gate is exactly 0 or 1 at +-1e4."""
+    td, tf, k, v = random_inputs(1, 8, 4, dtype=torch.float32, seed=12)
+    r = torch.tensor([-1e4, -100.0, 100.0, 1e4]).expand(1, 8, 4).clone().requires_grad_()
+    out, _ = wkv(td, tf, k, v, fresh_state(1, 4), receptance=r)
+    y, _ = wkv(td, tf, k, v, fresh_state(1, 4))
+    out.sum().backward()
+    assert torch.isfinite(out).all() and torch.isfinite(r.grad).all()
+    assert torch.equal(out[..., 0], torch.zeros(1, 8)) and torch.equal(out[..., 3], y[..., 3])
+    assert (out - torch.sigmoid(r) * y).abs().max() <= 1e-6 * y.abs().max()
+
+
+def test_receptance_of_another_shape_is_refused():
+    td, tf, k, v = random_inputs(1, 4, 2)
+    with pytest.raises(ValueError, match="receptance must have k's shape"):
+        wkv(td, tf, k, v, fresh_state(1, 2).double(), receptance=torch.zeros(1, 3, 2, dtype=torch.float64))
 
 
 @pytest.mark.parametrize("chunk_len", [0, 97])
