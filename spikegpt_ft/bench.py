@@ -158,25 +158,33 @@ def _wkv_case(B: int, T: int, C: int, args, device, dtype) -> list[dict]:
     g = torch.Generator(device="cpu").manual_seed(0)
     w = torch.rand(C, generator=g).mul(4).sub(3).to(device)  # time_decay in [-3, 1)
     u = torch.rand(C, generator=g).mul(2).sub(1).to(device)
-    k = torch.randn(B, T, C, generator=g).to(device, dtype)
-    v = torch.randn(B, T, C, generator=g).to(device, dtype)
-    gy = torch.randn(B, T, C, generator=g).to(device, dtype)
+    k, v, r, gy = (torch.randn(B, T, C, generator=g).to(device, dtype) for _ in range(4))
     state = fresh_state(B, C, device)
+    wg, ug = w.clone().requires_grad_(), u.clone().requires_grad_()
+    kg, vg, rg = k.clone().requires_grad_(), v.clone().requires_grad_(), r.clone().requires_grad_()
 
     def fwd():
         with torch.no_grad():
             wkv(w, u, k, v, state)
 
-    wg, ug = w.clone().requires_grad_(), u.clone().requires_grad_()
-    kg, vg = k.clone().requires_grad_(), v.clone().requires_grad_()
+    def backward(out):
+        torch.autograd.backward(out, gy)
+        wg.grad = ug.grad = kg.grad = vg.grad = rg.grad = None
 
     def fwd_bwd():
-        y, _ = wkv(wg, ug, kg, vg, state)
-        torch.autograd.backward(y, gy)
-        wg.grad = ug.grad = kg.grad = vg.grad = None
+        backward(wkv(wg, ug, kg, vg, state)[0])
 
+    # the time mix's sigmoid(r) * wkv: fused into the kernels, and as torch ops after the plain kernel
+    def gated_fused_fwd_bwd():
+        backward(wkv(wg, ug, kg, vg, state, receptance=rg)[0])
+
+    def gated_separate_fwd_bwd():
+        backward(torch.sigmoid(rg) * wkv(wg, ug, kg, vg, state)[0])
+
+    cases = {"wkv_fwd": fwd, "wkv_fwd_bwd": fwd_bwd, "wkv_gate_fused_fwd_bwd": gated_fused_fwd_bwd,
+             "wkv_gate_separate_fwd_bwd": gated_separate_fwd_bwd}  # fmt: skip
     results = []
-    for name, fn in (("wkv_fwd", fwd), ("wkv_fwd_bwd", fwd_bwd)):
+    for name, fn in cases.items():
         _reset_peak(device)
         samples = time_fn(fn, device, args.warmup, args.repeats)
         tput = B * T / statistics.median(samples)
@@ -185,7 +193,8 @@ def _wkv_case(B: int, T: int, C: int, args, device, dtype) -> list[dict]:
 
 
 def bench_wkv(args, device, dtype) -> list[dict]:
-    """WKV forward and forward+backward; ``k, v`` in ``dtype`` (the CPU kernel computes in float32)."""
+    """WKV forward and forward+backward, and the gated ``sigmoid(r) * wkv`` forward+backward with the gate fused
+    into the kernels and as separate torch ops; ``k, v, r`` in ``dtype`` (the CPU kernel computes in float32)."""
     custom = args.batch is not None or args.tokens is not None
     shapes = ((args.batch or 32, args.tokens or 64, args.embd),) if custom else WKV_SHAPES
     return [r for B, T, C in shapes for r in _wkv_case(B, T, C, args, device, dtype)]

@@ -27,7 +27,8 @@ def test_bench_all_tiny_writes_json(tmp_path):
     assert env["model_shape"] == {"layers": 1, "embd": 32, "vocab": 97, "ffn": 128}
     names = {r["name"] for r in data["results"]}
     lif = {f"lif_{who}_{what}" for who in ("model", "spikingjelly") for what in ("fwd", "fwd_bwd")}
-    assert names == {"wkv_fwd", "wkv_fwd_bwd", "full_finetune_step", "lora_r2_step", "spikelora_r2_step",
+    wkv = {"wkv_fwd", "wkv_fwd_bwd", "wkv_gate_fused_fwd_bwd", "wkv_gate_separate_fwd_bwd"}
+    assert names == {*wkv, "full_finetune_step", "lora_r2_step", "spikelora_r2_step",
                      "parallel_forward", "recurrent_b1", "recurrent_b4", "elementwise_floor", *lif}
     for r in data["results"]:
         assert len(r["times_ms"]) == (3 if r["name"] == "recurrent_b1" else 2 if r["name"] == "recurrent_b4" else 2)
