@@ -1,4 +1,4 @@
-"""The compiled kernels of ``cuda_ext/`` (WKV, and the LIF neuron's CPU path): build once, then import.
+"""The compiled kernels of ``cuda_ext/``: WKV, and on the CPU the LIF neuron and the one-row bf16 linear layer.
 
 One extension holds every kernel, with one bindings file (``cuda_ext/ops.cpp``). It is built by
 ``torch.utils.cpp_extension.load`` with ninja at first use, into the torch extensions cache; the CUDA
@@ -21,7 +21,7 @@ log = logging.getLogger(__name__)
 KERNEL_DIR = Path(os.environ.get("SPIKEGPT_FT_CUDA_EXT", Path(__file__).resolve().parents[1] / "cuda_ext"))
 
 #: The C++ sources of every build, bindings first.
-CPU_SOURCES = ("ops.cpp", "wkv_cpu.cpp", "lif_cpu.cpp")
+CPU_SOURCES = ("ops.cpp", "wkv_cpu.cpp", "lif_cpu.cpp", "linear_cpu.cpp")
 #: The CUDA sources added when a GPU build is possible.
 CUDA_SOURCES = ("wkv_cuda.cu",)
 

@@ -1,4 +1,4 @@
-"""Lower-precision inference weights (spikegpt_ft.quantize): int8 layers against a plain reference."""
+"""Lower-precision inference weights (spikegpt_ft.quantize): int8 and one-row bf16 layers against plain references."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from torch import nn
 
 from spikegpt_ft.adapters import AdapterLinear, attach_adapters
 from spikegpt_ft.model import SpikeGPT, SpikeGPTConfig
-from spikegpt_ft.quantize import Int8Linear, cast_weights, quantize_int8
+from spikegpt_ft.quantize import DecodingLinear, Int8Linear, cast_weights, quantize_int8
 
 #: Relative size of one rounding to bfloat16 (half an ulp: 8 significant bits).
 BF16_ROUNDING = 2.0**-8
@@ -95,6 +95,53 @@ def test_int8_model_runs_recurrently_with_exactly_its_parallel_outputs(adapter):
             steps.append(logits)
     assert state.wkv.dtype == torch.float32
     assert torch.equal(torch.stack(steps, 1), parallel)
+
+
+@pytest.mark.parametrize("n_in", [768, 64, 40, 5])
+@pytest.mark.parametrize("bias", [False, True])
+def test_decoding_linear_computes_one_row_in_float32_and_rounds_once(n_in, bias):
+    """One bfloat16 row through the compiled kernel: the float64 product of the bfloat16 values, up to float32
+    accumulation and one rounding to bfloat16 (widths that are and are not multiples of its 16 lanes)."""
+    layer = DecodingLinear.sharing(_linear(n_in, 300, bias=bias, seed=2).to(torch.bfloat16))
+    x = torch.randn(1, 1, n_in).to(torch.bfloat16)
+    with torch.no_grad():  # the weights are parameters: with gradients on, nn.Linear's path would run
+        assert layer.uses_kernel(x)
+        out = layer(x)
+    w = layer.weight.double()
+    reference = x.double() @ w.T + (layer.bias.double() if bias else 0)
+    assert out.shape == (1, 1, 300) and out.dtype == torch.bfloat16
+    accumulation = n_in * 2.0**-24 * (x.double().abs() @ w.abs().T + (layer.bias.double().abs() if bias else 0))
+    error = (out.double() - reference).abs()
+    assert torch.all(error <= BF16_ROUNDING * reference.abs() + 2 * accumulation)
+
+
+def test_decoding_linear_is_nn_linear_for_everything_but_one_bfloat16_row():
+    plain = _linear(64, 40, bias=True, seed=3).to(torch.bfloat16)
+    layer = DecodingLinear.sharing(plain)
+    assert layer.weight is plain.weight and layer.bias is plain.bias  # shared, not copied
+    rows = torch.randn(3, 64).to(torch.bfloat16)
+    row = rows[:1].clone().requires_grad_()
+    with torch.no_grad():
+        assert not layer.uses_kernel(rows) and torch.equal(layer(rows), plain(rows))
+        assert not layer.uses_kernel(rows[:1].float())
+    assert not layer.uses_kernel(row)  # a gradient is needed: nn.Linear's autograd path
+    out = layer(row)
+    out.sum().backward()
+    assert torch.equal(out, plain(row)) and row.grad is not None
+
+
+def test_bfloat16_cast_on_the_cpu_makes_every_linear_a_decoding_linear():
+    model = _tiny_model()
+    attach_adapters(model, "spikelora", r=4)
+    names = [name for name, m in model.named_modules() if isinstance(m, nn.Linear)]
+    expected = {k: v.to(torch.bfloat16) for k, v in model.state_dict().items()}
+    cast_weights(model, "bfloat16")
+    modules = dict(model.named_modules())
+    assert names and all(type(modules[name]) is DecodingLinear for name in names)
+    got = model.state_dict()
+    assert got.keys() == expected.keys() and all(torch.equal(got[k], v) for k, v in expected.items())
+    cast_weights(model, "int8")  # still possible: the decoding layers are nn.Linear
+    assert all(isinstance(dict(model.named_modules())[name], Int8Linear) for name in names)
 
 
 def test_bad_requests_are_refused_clearly():
