@@ -62,8 +62,8 @@ void over_channel_blocks(int64_t T, int64_t N, const F& body) {
 }
 
 CPU_CLONES void forward_block(const float* __restrict__ x, const float* __restrict__ v0,
-                                  float* __restrict__ spikes, float* __restrict__ v_last, float* __restrict__ h,
-                                  int64_t T, int64_t N, int64_t c0, int64_t n, Neuron p) {
+                              float* __restrict__ spikes, float* __restrict__ v_last, float* __restrict__ h,
+                              int64_t T, int64_t N, int64_t c0, int64_t n, Neuron p) {
   float v[kBlock];
   for (int64_t j = 0; j < n; ++j) v[j] = v0[c0 + j];
   for (int64_t t = 0; t < T; ++t) {
@@ -82,9 +82,9 @@ CPU_CLONES void forward_block(const float* __restrict__ x, const float* __restri
 // Reverse sweep. `carry` is dL/dv_t, the gradient reaching the membrane after step t: grad_v_last at
 // the last step, then what step t+1 sends back through its charge (dh/dv = 1 - 1/tau).
 CPU_CLONES void backward_block(const float* __restrict__ grad_spikes, const float* __restrict__ grad_v_last,
-                                   const float* __restrict__ h, float* __restrict__ grad_x,
-                                   float* __restrict__ grad_v0, int64_t T, int64_t N, int64_t c0, int64_t n, Neuron p,
-                                   float half_alpha, float atan_scale) {
+                               const float* __restrict__ h, float* __restrict__ grad_x,
+                               float* __restrict__ grad_v0, int64_t T, int64_t N, int64_t c0, int64_t n, Neuron p,
+                               float half_alpha, float atan_scale) {
   float carry[kBlock];
   for (int64_t j = 0; j < n; ++j) carry[j] = grad_v_last[c0 + j];
   for (int64_t t = T - 1; t >= 0; --t) {
