@@ -6,7 +6,7 @@
 // 16 GB/s on the machines this project targets, while the same memory streams at about 50 GB/s; this loop
 // reads them at about twice PyTorch's rate (BENCHMARKS.md). It is meant for one row (decoding one
 // sequence); with several rows each weight row is reused from the cache, but PyTorch's matrix-matrix
-// kernels are as fast from 4 rows on, so `spikegpt_ft.quantize.DecodingLinear` calls this for one row only.
+// kernels are as fast from 3 rows on, so `spikegpt_ft.quantize.DecodingLinear` calls this for 1 or 2 rows.
 //
 // Arithmetic: weights and inputs are widened to float32 exactly, the products summed in float32 (16 partial
 // sums per row, then added up), the bias (float32 of its bfloat16) added, and the result rounded once to

@@ -1,4 +1,4 @@
-"""The compiled kernels of ``cuda_ext/``: WKV, and on the CPU the LIF neuron and the one-row bf16 linear layer.
+"""The compiled kernels of ``cuda_ext/``: WKV, and on the CPU the LIF neuron and the bf16 decoding linear layer.
 
 One extension holds every kernel, with one bindings file (``cuda_ext/ops.cpp``). It is built by
 ``torch.utils.cpp_extension.load`` with ninja at first use, into the torch extensions cache; the CUDA

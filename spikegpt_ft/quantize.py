@@ -9,7 +9,7 @@ recurrent state float32. ``torch.ao.quantization.quantize_dynamic`` also quantis
 deprecated, and measured slower here, so it is not used.
 
 In bfloat16 on the CPU, linear layers become :class:`DecodingLinear`: the same ``nn.Linear``, whose product
-for one row (decoding one sequence) runs a compiled kernel that reads the weights about twice as fast as
+for one or two rows (decoding one or two sequences) runs a compiled kernel that reads the weights about twice as fast as
 PyTorch's (``cuda_ext/linear_cpu.cpp``).
 
 The spiking nonlinearities are thresholds, so a small change of a weight can flip a spike: measure the
@@ -31,6 +31,8 @@ WEIGHT_PRECISIONS = ("float32", "bfloat16", "int8")
 #: ``_weight_int8pack_mm`` needs the input width to be a multiple of this (other widths give wrong
 #: results rather than an error, so such layers are left in bfloat16).
 INT8_WIDTH_MULTIPLE = 16
+#: Rows up to which :class:`DecodingLinear` runs the compiled kernel (from 3 rows on PyTorch's is as fast).
+DECODING_MAX_ROWS = 2
 
 
 def _bfloat16_at_least(x: torch.Tensor) -> torch.Tensor:
@@ -71,7 +73,7 @@ class Int8Linear(nn.Module):
 
 
 class DecodingLinear(nn.Linear):
-    """An ``nn.Linear`` whose bfloat16 product for a single row on the CPU runs the compiled kernel.
+    """An ``nn.Linear`` whose bfloat16 product for one or two rows on the CPU runs the compiled kernel.
 
     Decoding one sequence multiplies one row by each weight matrix; PyTorch's CPU kernel for that reads the
     weights at well under the memory's speed, the compiled one about twice as fast. Every other call (more
@@ -87,21 +89,21 @@ class DecodingLinear(nn.Linear):
         return layer
 
     def uses_kernel(self, x: torch.Tensor) -> bool:
-        """Whether ``self(x)`` runs the compiled kernel (one bfloat16 row on the CPU, no gradient needed)."""
+        """Whether ``self(x)`` runs the compiled kernel (at most two bfloat16 rows on the CPU, no gradient)."""
         params = (self.weight,) if self.bias is None else (self.weight, self.bias)
         return (
             x.device.type == "cpu"
             and x.dtype == torch.bfloat16
             and self.weight.device.type == "cpu"
             and self.weight.dtype == torch.bfloat16
-            and x.numel() == self.in_features
+            and 0 < x.numel() <= DECODING_MAX_ROWS * self.in_features
             and not needs_autograd(x, *params)
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.uses_kernel(x):
             return super().forward(x)
-        out = extension().small_batch_linear(x.reshape(1, self.in_features), self.weight, self.bias)
+        out = extension().small_batch_linear(x.reshape(-1, self.in_features), self.weight, self.bias)
         return out.view(*x.shape[:-1], self.out_features)
 
 
@@ -134,7 +136,7 @@ def cast_weights(model: nn.Module, precision: str) -> nn.Module:
     """Put ``model``'s weights in ``precision`` (one of :data:`WEIGHT_PRECISIONS`) for inference, in place.
 
     ``int8`` means int8 linear layers (see :func:`quantize_int8`) and bfloat16 for everything else. On the
-    CPU, the bfloat16 linear layers become :class:`DecodingLinear` (same weights, faster for one row).
+    CPU, the bfloat16 linear layers become :class:`DecodingLinear` (same weights, faster for one or two rows).
     """
     if precision not in WEIGHT_PRECISIONS:
         raise ValueError(f"unknown weight precision {precision!r}; choose one of {', '.join(WEIGHT_PRECISIONS)}")

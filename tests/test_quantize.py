@@ -1,4 +1,4 @@
-"""Lower-precision inference weights (spikegpt_ft.quantize): int8 and one-row bf16 layers against plain references."""
+"""Lower-precision inference weights (spikegpt_ft.quantize): int8 and bf16 decoding layers against plain references."""
 
 from __future__ import annotations
 
@@ -97,25 +97,26 @@ def test_int8_model_runs_recurrently_with_exactly_its_parallel_outputs(adapter):
     assert torch.equal(torch.stack(steps, 1), parallel)
 
 
+@pytest.mark.parametrize("rows", [1, 2])
 @pytest.mark.parametrize("n_in", [768, 64, 40, 5])
 @pytest.mark.parametrize("bias", [False, True])
-def test_decoding_linear_computes_one_row_in_float32_and_rounds_once(n_in, bias):
-    """One bfloat16 row through the compiled kernel: the float64 product of the bfloat16 values, up to float32
-    accumulation and one rounding to bfloat16 (widths that are and are not multiples of its 16 lanes)."""
+def test_decoding_linear_computes_in_float32_and_rounds_once(n_in, bias, rows):
+    """One or two bfloat16 rows through the compiled kernel: the float64 product of the bfloat16 values, up to
+    float32 accumulation and one rounding to bfloat16 (widths that are and are not multiples of its 16 lanes)."""
     layer = DecodingLinear.sharing(_linear(n_in, 300, bias=bias, seed=2).to(torch.bfloat16))
-    x = torch.randn(1, 1, n_in).to(torch.bfloat16)
+    x = torch.randn(rows, 1, n_in).to(torch.bfloat16)
     with torch.no_grad():  # the weights are parameters: with gradients on, nn.Linear's path would run
         assert layer.uses_kernel(x)
         out = layer(x)
     w = layer.weight.double()
     reference = x.double() @ w.T + (layer.bias.double() if bias else 0)
-    assert out.shape == (1, 1, 300) and out.dtype == torch.bfloat16
+    assert out.shape == (rows, 1, 300) and out.dtype == torch.bfloat16
     accumulation = n_in * 2.0**-24 * (x.double().abs() @ w.abs().T + (layer.bias.double().abs() if bias else 0))
     error = (out.double() - reference).abs()
     assert torch.all(error <= BF16_ROUNDING * reference.abs() + 2 * accumulation)
 
 
-def test_decoding_linear_is_nn_linear_for_everything_but_one_bfloat16_row():
+def test_decoding_linear_is_nn_linear_for_more_rows_other_dtypes_and_gradients():
     plain = _linear(64, 40, bias=True, seed=3).to(torch.bfloat16)
     layer = DecodingLinear.sharing(plain)
     assert layer.weight is plain.weight and layer.bias is plain.bias  # shared, not copied
