@@ -8,9 +8,9 @@ weight as int8 with one scale per output channel (symmetric, round to nearest, `
 recurrent state float32. ``torch.ao.quantization.quantize_dynamic`` also quantises activations, is
 deprecated, and measured slower here, so it is not used.
 
-In bfloat16 on the CPU, linear layers become :class:`DecodingLinear`: the same ``nn.Linear``, whose product
-for one or two rows (decoding one or two sequences) runs a compiled kernel that reads the weights about twice as fast as
-PyTorch's (``cuda_ext/linear_cpu.cpp``).
+In bfloat16 on the CPU, linear layers become :class:`DecodingLinear`: the same ``nn.Linear``, whose
+product for one or two rows (decoding one or two sequences) runs a compiled kernel that reads the weights
+about twice as fast as PyTorch's (``cuda_ext/linear_cpu.cpp``).
 
 The spiking nonlinearities are thresholds, so a small change of a weight can flip a spike: measure the
 accuracy of a quantised classifier (``python infer.py --checkpoint RUN --evaluate --weights int8``)
