@@ -24,6 +24,12 @@ std::vector<torch::Tensor> lif_backward_cpu(torch::Tensor grad_spikes, torch::Te
 // The bfloat16 linear layer for a few rows (linear_cpu.cpp).
 torch::Tensor small_batch_linear_cpu(torch::Tensor x, torch::Tensor weight, std::optional<torch::Tensor> bias);
 
+#ifndef WITH_CUDA
+constexpr const char* kNoCudaKernels =
+    "wkv: this build of the extension has no CUDA kernels: no CUDA toolkit (nvcc) was found when it was built; "
+    "install one or set CUDA_HOME to it, and a new Python process builds the CUDA kernels at first use";
+#endif
+
 #ifdef WITH_CUDA
 namespace {
 
@@ -74,14 +80,15 @@ std::vector<torch::Tensor> wkv_forward(torch::Tensor w, torch::Tensor u, torch::
   auto out = r ? torch::empty(k.sizes(), f32) : y;
   auto state_out = torch::empty_like(state);
   const int64_t len = wkv_cuda_chunk_len(k.size(0), k.size(1), k.size(2), chunk_len);
-  wkv_forward_cuda(input_kind(k), k.size(0), k.size(1), k.size(2), len, w.data_ptr<float>(),
-                   u.data_ptr<float>(), k.data_ptr(), v.data_ptr(), r ? r->data_ptr() : nullptr,
-                   state.data_ptr<float>(), y.data_ptr<float>(), log_den.data_ptr<float>(),
-                   r ? out.data_ptr<float>() : nullptr, state_out.data_ptr<float>(),
-                   reinterpret_cast<void*>(stream));
+  const char* error = wkv_forward_cuda(
+      input_kind(k), k.size(0), k.size(1), k.size(2), len, w.data_ptr<float>(), u.data_ptr<float>(), k.data_ptr(),
+      v.data_ptr(), r ? r->data_ptr() : nullptr, state.data_ptr<float>(), y.data_ptr<float>(),
+      log_den.data_ptr<float>(), r ? out.data_ptr<float>() : nullptr, state_out.data_ptr<float>(),
+      reinterpret_cast<void*>(stream));
+  TORCH_CHECK(error == nullptr, "wkv (cuda): the forward kernel failed to launch: ", error);
   return {y, log_den, state_out, out};
 #else
-  TORCH_CHECK(false, "wkv: this build of the extension has no CUDA kernels");
+  TORCH_CHECK(false, kNoCudaKernels);
 #endif
 }
 
@@ -94,6 +101,13 @@ std::vector<torch::Tensor> wkv_backward(torch::Tensor w, torch::Tensor u, torch:
   if (k.device().is_cpu()) return wkv_backward_cpu(w, u, k, v, r, y, log_den, gout, state, chunk_len);
 #ifdef WITH_CUDA
   check_cuda(w, u, k, v, r, state);
+  TORCH_CHECK(y.sizes() == k.sizes() && log_den.sizes() == k.sizes() && gout.sizes() == k.sizes(),
+              "wkv backward: y, log_den and gout must match k");
+  for (const auto* x : {&y, &log_den}) {
+    TORCH_CHECK(x->scalar_type() == torch::kFloat32 && x->is_contiguous() && x->device() == k.device(),
+                "wkv backward (cuda): y and log_den must be contiguous float32 tensors on k's GPU");
+  }
+  TORCH_CHECK(gout.device() == k.device(), "wkv backward (cuda): gout must be on k's GPU");
   gout = gout.to(torch::kFloat32).contiguous();
   const auto f32 = k.options().dtype(torch::kFloat32);
   const int64_t B = k.size(0), T = k.size(1), C = k.size(2);
@@ -101,14 +115,15 @@ std::vector<torch::Tensor> wkv_backward(torch::Tensor w, torch::Tensor u, torch:
   auto gk = torch::empty(k.sizes(), f32), gv = torch::empty(k.sizes(), f32);
   auto gr = torch::empty({r ? B : 0, T, C}, f32);
   auto gw = torch::empty({B * wkv::chunk_count(T, len), C}, f32), gu = torch::empty_like(gw);
-  wkv_backward_cuda(input_kind(k), B, T, C, len, w.data_ptr<float>(), u.data_ptr<float>(), k.data_ptr(),
-                    v.data_ptr(), r ? r->data_ptr() : nullptr, y.data_ptr<float>(), log_den.data_ptr<float>(),
-                    gout.data_ptr<float>(), state.data_ptr<float>(), gw.data_ptr<float>(), gu.data_ptr<float>(),
-                    gk.data_ptr<float>(), gv.data_ptr<float>(), r ? gr.data_ptr<float>() : nullptr,
-                    reinterpret_cast<void*>(stream));
+  const char* error = wkv_backward_cuda(
+      input_kind(k), B, T, C, len, w.data_ptr<float>(), u.data_ptr<float>(), k.data_ptr(), v.data_ptr(),
+      r ? r->data_ptr() : nullptr, y.data_ptr<float>(), log_den.data_ptr<float>(), gout.data_ptr<float>(),
+      state.data_ptr<float>(), gw.data_ptr<float>(), gu.data_ptr<float>(), gk.data_ptr<float>(), gv.data_ptr<float>(),
+      r ? gr.data_ptr<float>() : nullptr, reinterpret_cast<void*>(stream));
+  TORCH_CHECK(error == nullptr, "wkv (cuda): the backward kernel failed to launch: ", error);
   return {gw, gu, gk, gv, gr};
 #else
-  TORCH_CHECK(false, "wkv: this build of the extension has no CUDA kernels");
+  TORCH_CHECK(false, kNoCudaKernels);
 #endif
 }
 

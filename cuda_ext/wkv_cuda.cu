@@ -38,11 +38,11 @@ __device__ __forceinline__ float to_float(__nv_bfloat16 x) { return __bfloat162f
 // Block: blockDim.x channels x blockDim.y chunks; grid: (channel groups, B). `len`: tokens per chunk.
 // r and out may be null (no gate).
 template <typename F>
-__global__ void forward_kernel(int64_t T, int64_t C, int64_t len, const float* __restrict__ w,
-                               const float* __restrict__ u, const F* __restrict__ k, const F* __restrict__ v,
-                               const F* __restrict__ r, const float* __restrict__ state_in,
-                               float* __restrict__ y, float* __restrict__ log_den, float* __restrict__ out,
-                               float* __restrict__ state_out) {
+__global__ void __launch_bounds__(kMaxThreads)
+    forward_kernel(int64_t T, int64_t C, int64_t len, const float* __restrict__ w, const float* __restrict__ u,
+                   const F* __restrict__ k, const F* __restrict__ v, const F* __restrict__ r,
+                   const float* __restrict__ state_in, float* __restrict__ y, float* __restrict__ log_den,
+                   float* __restrict__ out, float* __restrict__ state_out) {
   __shared__ float summary[3][kMaxThreads];
   const int lane = threadIdx.x, j = threadIdx.y, chunks = blockDim.y;
   const int64_t c = static_cast<int64_t>(blockIdx.x) * blockDim.x + lane, bi = blockIdx.y;
@@ -105,13 +105,12 @@ __device__ __forceinline__ float grad_y(const float* __restrict__ gout, const F*
 // Same layout as forward_kernel. gw and gu get one row per (batch, chunk): [B * chunks, C]. r and gr
 // may be null (no gate).
 template <typename F>
-__global__ void backward_kernel(int64_t T, int64_t C, int64_t len, const float* __restrict__ w,
-                                const float* __restrict__ u, const F* __restrict__ k, const F* __restrict__ v,
-                                const F* __restrict__ r, const float* __restrict__ y,
-                                const float* __restrict__ log_den, const float* __restrict__ gout,
-                                const float* __restrict__ state_in, float* __restrict__ gw,
-                                float* __restrict__ gu, float* __restrict__ gk, float* __restrict__ gv,
-                                float* __restrict__ gr) {
+__global__ void __launch_bounds__(kMaxThreads)
+    backward_kernel(int64_t T, int64_t C, int64_t len, const float* __restrict__ w, const float* __restrict__ u,
+                    const F* __restrict__ k, const F* __restrict__ v, const F* __restrict__ r,
+                    const float* __restrict__ y, const float* __restrict__ log_den, const float* __restrict__ gout,
+                    const float* __restrict__ state_in, float* __restrict__ gw, float* __restrict__ gu,
+                    float* __restrict__ gk, float* __restrict__ gv, float* __restrict__ gr) {
   __shared__ float summary[5][kMaxThreads];
   const int lane = threadIdx.x, j = threadIdx.y, chunks = blockDim.y;
   const int64_t c = static_cast<int64_t>(blockIdx.x) * blockDim.x + lane, bi = blockIdx.y;
@@ -175,12 +174,19 @@ void dispatch(WkvInput input, const Run& run) {
   }
 }
 
+// The error of the launch just made (a block too large for the kernel's registers, say), or null.
+const char* launch_error() {
+  const cudaError_t err = cudaGetLastError();
+  return err == cudaSuccess ? nullptr : cudaGetErrorString(err);
+}
+
 }  // namespace
 
 int64_t wkv_cuda_chunk_len(int64_t B, int64_t T, int64_t C, int64_t requested) {
   int64_t len = requested;
   if (len <= 0) {
-    int64_t want = (kTargetThreads + B * C - 1) / (B * C);
+    const int64_t lanes = std::max<int64_t>(1, B * C);
+    int64_t want = (kTargetThreads + lanes - 1) / lanes;
     want = std::max<int64_t>(1, std::min<int64_t>({want, T / kMinChunkLen, kMaxChunks}));
     len = (T + want - 1) / want;
   }
@@ -189,9 +195,10 @@ int64_t wkv_cuda_chunk_len(int64_t B, int64_t T, int64_t C, int64_t requested) {
   return len;
 }
 
-void wkv_forward_cuda(WkvInput input, int64_t B, int64_t T, int64_t C, int64_t chunk_len, const float* w,
-                      const float* u, const void* k, const void* v, const void* r, const float* state_in,
-                      float* y, float* log_den, float* out, float* state_out, void* stream) {
+const char* wkv_forward_cuda(WkvInput input, int64_t B, int64_t T, int64_t C, int64_t chunk_len, const float* w,
+                             const float* u, const void* k, const void* v, const void* r, const float* state_in,
+                             float* y, float* log_den, float* out, float* state_out, void* stream) {
+  if (B * T * C == 0) return nullptr;
   auto s = static_cast<cudaStream_t>(stream);
   const Launch at = launch_for(B, T, C, chunk_len);
   const auto run = [&](auto element) {
@@ -201,12 +208,14 @@ void wkv_forward_cuda(WkvInput input, int64_t B, int64_t T, int64_t C, int64_t c
                                                    y, log_den, out, state_out);
   };
   dispatch(input, run);
+  return launch_error();
 }
 
-void wkv_backward_cuda(WkvInput input, int64_t B, int64_t T, int64_t C, int64_t chunk_len, const float* w,
-                       const float* u, const void* k, const void* v, const void* r, const float* y,
-                       const float* log_den, const float* gout, const float* state_in, float* gw, float* gu,
-                       float* gk, float* gv, float* gr, void* stream) {
+const char* wkv_backward_cuda(WkvInput input, int64_t B, int64_t T, int64_t C, int64_t chunk_len, const float* w,
+                              const float* u, const void* k, const void* v, const void* r, const float* y,
+                              const float* log_den, const float* gout, const float* state_in, float* gw, float* gu,
+                              float* gk, float* gv, float* gr, void* stream) {
+  if (B * T * C == 0) return nullptr;
   auto s = static_cast<cudaStream_t>(stream);
   const Launch at = launch_for(B, T, C, chunk_len);
   const auto run = [&](auto element) {
@@ -216,4 +225,5 @@ void wkv_backward_cuda(WkvInput input, int64_t B, int64_t T, int64_t C, int64_t 
                                                     log_den, gout, state_in, gw, gu, gk, gv, gr);
   };
   dispatch(input, run);
+  return launch_error();
 }

@@ -43,6 +43,11 @@ def extension(with_cuda: bool | None = None) -> ModuleType:
     from torch.utils.cpp_extension import load
 
     with_cuda = cuda_buildable() if with_cuda is None else with_cuda
+    if torch.cuda.is_available() and not with_cuda:
+        log.warning(
+            "a GPU is present but no CUDA toolkit (nvcc, CUDA_HOME) was found: the kernels are built for the CPU "
+            "only, and the model cannot run on the GPU"
+        )
     sources = [KERNEL_DIR / s for s in CPU_SOURCES + (CUDA_SOURCES if with_cuda else ())]
     missing = [str(s) for s in sources if not s.is_file()]
     if missing:

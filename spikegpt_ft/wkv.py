@@ -80,8 +80,8 @@ def wkv(
     ``sigmoid(r) * wkv`` instead, computed in the kernels' own pass (forward and backward) rather than by
     three more elementwise passes over memory.
 
-    The result has the dtype of ``k``; the recurrence runs in float32 (float64 for float64 inputs, which
-    the tests use for gradcheck). On CUDA, float16 and bfloat16 ``k, v, r`` are read as they are.
+    The result has the dtype of ``k``; the recurrence runs in float32 (on the CPU, float64 for float64
+    inputs, which the tests use for gradcheck). On CUDA, float16 and bfloat16 ``k, v, r`` are read as they are.
     ``chunk_len`` > 0 runs chunks of that many tokens in parallel (0: the device's default; on CUDA at
     most 32 chunks per sequence, so a shorter length is raised to fit); the result is the same up to
     rounding.
@@ -91,7 +91,7 @@ def wkv(
     if receptance is not None and receptance.shape != k.shape:
         raise ValueError(f"receptance must have k's shape {tuple(k.shape)}, got {tuple(receptance.shape)}")
     out_dtype = k.dtype
-    compute = torch.float64 if k.dtype == torch.float64 else torch.float32
+    compute = torch.float64 if k.dtype == torch.float64 and not k.is_cuda else torch.float32
     w = -torch.exp(time_decay.to(compute)).contiguous()
     u = time_first.to(compute).contiguous()
     element = k.dtype if k.is_cuda and k.dtype in (torch.float16, torch.bfloat16) else compute
