@@ -34,8 +34,8 @@ def test_cuda_kernel_matches_cpu_kernel(dtype, shape, chunk_len, gated):
     gy = torch.randn(B, T, C, generator=g)
     _, start = wkv(td, tf, torch.randn(B, 5, C, generator=g), torch.randn(B, 5, C, generator=g), fresh_state(B, C))
     inputs = (td, tf, k, v, r) if gated else (td, tf, k, v)
-    cpu = [x.float().requires_grad_() for x in inputs]
-    gpu = [x.cuda().requires_grad_() for x in inputs]
+    cpu = [x.detach().float().requires_grad_() for x in inputs]  # leaves, each with its own .grad
+    gpu = [x.detach().cuda().requires_grad_() for x in inputs]
     y_cpu, s_cpu = wkv(*cpu[:4], start, receptance=cpu[4] if gated else None)
     y_gpu, s_gpu = wkv(*gpu[:4], start.cuda(), chunk_len, receptance=gpu[4] if gated else None)
     (y_cpu * gy).sum().backward()
@@ -70,13 +70,14 @@ def test_recurrent_equals_parallel_on_cuda():
 
 @pytest.mark.parametrize("adapter", ["none", "lora", "spikelora"])
 def test_training_step_never_syncs_with_the_host(adapter):
-    """A bf16-autocast training step (forward, loss, backward) on CUDA with sync debugging set to "error":
-    any host-device sync in our code, SpikingJelly's or the kernels' raises."""
+    """A bf16-autocast training step (forward, loss, the running train loss, backward) on CUDA with sync
+    debugging set to "error": a host-device sync made by a PyTorch call (ours, SpikingJelly's, torchmetrics')
+    raises. (The kernels' own CUDA calls are not seen by it; they make no sync.)"""
     from spikegpt_ft.training import SpikeGPTClassifier, build_classifier
 
     torch.manual_seed(0)
     model, _ = build_classifier("scratch", 2, adapter, "configs/model/tiny.yaml")
-    module = SpikeGPTClassifier(model.cuda(), 2, adapter)
+    module = SpikeGPTClassifier(model, 2, adapter).cuda()  # the metrics too, as Lightning does
     module.log = lambda *a, **k: None  # no trainer attached
     batch = {"input_ids": torch.randint(0, model.config.vocab_size, (4, 32)), "lengths": torch.tensor([32, 20, 9, 1]),
              "labels": torch.tensor([0, 1, 1, 0])}  # fmt: skip
