@@ -30,6 +30,9 @@ from .training import ADAPTERS, DEFAULT_BASE
 log = logging.getLogger("spikegpt_ft.train")
 
 CONFIG_DIR = REPO_ROOT / "configs"
+#: Steps between progress-bar refreshes. The bar shows the training loss, which it reads from the
+#: device (on a GPU, a host sync), so it refreshes every few steps rather than after each one.
+PROGRESS_BAR_REFRESH_STEPS = 10
 
 
 def build_parser() -> ArgumentParser:
@@ -157,7 +160,7 @@ def _devices(value: str):
 def run_one(cfg: dict, seed: int, run_dir: Path) -> dict | None:
     """Train, select, test and export one seed into ``run_dir``; returns the metrics (rank 0) or None."""
     import lightning as L
-    from lightning.pytorch.callbacks import ModelCheckpoint
+    from lightning.pytorch.callbacks import ModelCheckpoint, TQDMProgressBar
     from lightning.pytorch.loggers import CSVLogger
 
     from . import adapters as ad
@@ -215,12 +218,14 @@ def run_one(cfg: dict, seed: int, run_dir: Path) -> dict | None:
         dirpath=str(run_dir), filename="best", monitor="val_accuracy", mode="max", save_top_k=1, save_last=True,
         enable_version_counter=False, auto_insert_metric_name=False,
     )  # fmt: skip
+    bar = [TQDMProgressBar(refresh_rate=PROGRESS_BAR_REFRESH_STEPS)] if cfg["progress_bar"] else []
     precision = _precision(cfg)
     trainer = L.Trainer(
         default_root_dir=str(run_dir), max_epochs=cfg["epochs"], accelerator=cfg["accelerator"],
         devices=_devices(cfg["devices"]), strategy=cfg["strategy"], precision=precision,
         accumulate_grad_batches=cfg["accumulate_grad_batches"], gradient_clip_val=cfg["grad_clip"] or None,
-        logger=loggers, callbacks=[ckpt_cb], num_sanity_val_steps=0, use_distributed_sampler=False,
+        logger=loggers, num_sanity_val_steps=0, use_distributed_sampler=False,
+        callbacks=[ckpt_cb, *bar],
         enable_progress_bar=cfg["progress_bar"], log_every_n_steps=cfg["log_every_n_steps"],
         enable_model_summary=False,
     )  # fmt: skip

@@ -152,6 +152,20 @@ def last_token_logits(model: SpikeGPT, ids: torch.Tensor, lengths: torch.Tensor,
 # ----------------------------------------------------------------------------------------------- module
 
 
+class RunningMean(MeanMetric):
+    """torchmetrics' weighted mean (same states, so checkpoints carry it alike), updated without a host read.
+
+    ``MeanMetric.update`` looks for NaNs with a Python ``if`` on a device tensor: on a GPU, a sync that
+    stalls every training step (and its ``nan_strategy="disable"`` drops the weights in torchmetrics 1.9).
+    A NaN training loss shows up in the epoch's mean here instead of being dropped from it.
+    """
+
+    def update(self, value: torch.Tensor, weight: torch.Tensor) -> None:
+        """Add ``value`` (a loss) with ``weight`` (its batch's size), both tensors on the metric's device."""
+        self.mean_value += (value * weight).sum()
+        self.weight += weight.sum()
+
+
 class SpikeGPTClassifier(L.LightningModule):
     """A SpikeGPT classifier (fully fine-tuned or with adapters) with AdamW and warm-up + linear decay.
 
@@ -184,7 +198,7 @@ class SpikeGPTClassifier(L.LightningModule):
         self.drop_frozen = drop_frozen_from_checkpoint
         # the frozen official base is not written into Lightning checkpoints; it comes from --base
         self.strict_loading = not drop_frozen_from_checkpoint
-        self.train_loss = MeanMetric()
+        self.train_loss = RunningMean()
         self.train_loss.persistent(True)  # a run resumed mid-epoch keeps the loss of the batches before it
         self.val_loss, self.test_loss = MeanMetric(), MeanMetric()
         self.val_acc = MulticlassAccuracy(n_classes, average="micro")
@@ -231,7 +245,7 @@ class SpikeGPTClassifier(L.LightningModule):
     def training_step(self, batch, batch_idx):
         logits = self(batch)
         loss = F.cross_entropy(logits.float(), batch["labels"])
-        self.train_loss.update(loss.detach(), weight=batch["labels"].numel())
+        self.train_loss.update(loss.detach(), loss.new_full((), batch["labels"].numel()))  # a fill, not a copy
         self.log("train_loss", loss, on_step=True, on_epoch=False, prog_bar=True, batch_size=batch["labels"].numel())
         return loss
 

@@ -88,7 +88,8 @@ def test_padding_never_influences_a_prediction(shared, adapter):
 
 def test_training_step_checks_ids_on_the_host_and_never_syncs(monkeypatch):
     """Out-of-vocabulary ids are refused before the batch is copied to the device; the step itself then
-    runs without the range check (on a GPU, its only host-device sync)."""
+    runs without the range check, and nothing in it (forward, loss, the running train loss, backward)
+    reads a tensor's value on the host, which on a GPU would be a host-device sync."""
     from spikegpt_ft.training import SpikeGPTClassifier
 
     torch.manual_seed(0)
@@ -106,12 +107,37 @@ def test_training_step_checks_ids_on_the_host_and_never_syncs(monkeypatch):
     def no_sync(*args, **kwargs):
         raise AssertionError("the training step read token-id bounds (a host sync on a GPU)")
 
-    monkeypatch.setattr(torch, "aminmax", no_sync)
+    def host_read(*args, **kwargs):
+        raise AssertionError("the training step read a tensor's value on the host (a host sync on a GPU)")
+
     monkeypatch.setattr(module, "log", lambda *a, **k: None)  # no trainer attached
-    loss = module.training_step(batch, 0)
-    loss.backward()
+    with monkeypatch.context() as patched:
+        patched.setattr(torch, "aminmax", no_sync)
+        for read in ("__bool__", "__float__", "__int__", "__index__", "item", "tolist"):
+            patched.setattr(torch.Tensor, read, host_read)
+        loss = module.training_step(batch, 0)
+        loss.backward()
     assert torch.isfinite(loss)
+    assert module.train_loss.compute() == loss.detach()
     assert all(p.grad is None for n, p in model.named_parameters() if "lora_" not in n and not n.startswith("head"))
+
+
+def test_running_train_loss_is_torchmetrics_weighted_mean():
+    """The training loss's running mean (updated with no host read) gives MeanMetric's weighted mean and keeps
+    its state names, so checkpoints written with either load into the other."""
+    from torchmetrics import MeanMetric
+
+    from spikegpt_ft.training import RunningMean
+
+    ours, reference = RunningMean(), MeanMetric()
+    for loss, n in [(0.7, 32), (0.4, 32), (1.3, 5)]:
+        ours.update(torch.tensor(loss), torch.tensor(float(n)))
+        reference.update(torch.tensor(loss), weight=n)
+    assert torch.allclose(ours.compute(), reference.compute())
+    assert torch.allclose(ours.compute(), torch.tensor((0.7 * 32 + 0.4 * 32 + 1.3 * 5) / 69))
+    ours.persistent(True)
+    reference.persistent(True)
+    assert ours.state_dict().keys() == reference.state_dict().keys()
 
 
 @pytest.fixture(scope="module")
