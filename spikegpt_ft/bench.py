@@ -265,6 +265,8 @@ def _train_case(args, device, dtype, mode: str, B: int, T: int) -> dict:
     g = torch.Generator(device="cpu").manual_seed(0)
     ids = torch.randint(0, args.vocab, (B, T), generator=g).to(device)
     labels = torch.randint(0, 2, (B,), generator=g).to(device)
+    # float16 steps scale the loss, as Lightning's "16-mixed" does (its inf check is a host sync per step)
+    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
 
     def step():
         with _autocast(device, dtype):
@@ -272,8 +274,9 @@ def _train_case(args, device, dtype, mode: str, B: int, T: int) -> dict:
             # training loop checks them on the host, so the step has no host sync
             logits = model(ids, check_ids=False)[:, -1]
         loss = F.cross_entropy(logits.float(), labels)
-        loss.backward()
-        opt.step()
+        scaler.scale(loss).backward()
+        scaler.step(opt)
+        scaler.update()
         opt.zero_grad(set_to_none=True)
 
     _reset_peak(device)
@@ -284,6 +287,7 @@ def _train_case(args, device, dtype, mode: str, B: int, T: int) -> dict:
         trainable_params=sum(p.numel() for p in params),
         tokens_per_s=B * T / statistics.median(samples),
         autocast=None if dtype == torch.float32 else str(dtype).removeprefix("torch."),
+        grad_scaler=scaler.is_enabled(),
     )
 
 
