@@ -98,11 +98,11 @@ std::vector<torch::Tensor> wkv_backward(torch::Tensor w, torch::Tensor u, torch:
                                         std::optional<torch::Tensor> r, torch::Tensor y, torch::Tensor log_den,
                                         torch::Tensor gout, torch::Tensor state, int64_t chunk_len,
                                         int64_t stream) {
+  TORCH_CHECK(y.sizes() == k.sizes() && log_den.sizes() == k.sizes() && gout.sizes() == k.sizes(),
+              "wkv backward: y, log_den and gout must match k");
   if (k.device().is_cpu()) return wkv_backward_cpu(w, u, k, v, r, y, log_den, gout, state, chunk_len);
 #ifdef WITH_CUDA
   check_cuda(w, u, k, v, r, state);
-  TORCH_CHECK(y.sizes() == k.sizes() && log_den.sizes() == k.sizes() && gout.sizes() == k.sizes(),
-              "wkv backward: y, log_den and gout must match k");
   for (const auto* x : {&y, &log_den}) {
     TORCH_CHECK(x->scalar_type() == torch::kFloat32 && x->is_contiguous() && x->device() == k.device(),
                 "wkv backward (cuda): y and log_den must be contiguous float32 tensors on k's GPU");

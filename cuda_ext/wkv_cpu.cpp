@@ -288,9 +288,7 @@ std::vector<torch::Tensor> wkv_forward_cpu(torch::Tensor w, torch::Tensor u, tor
 std::vector<torch::Tensor> wkv_backward_cpu(torch::Tensor w, torch::Tensor u, torch::Tensor k, torch::Tensor v,
                                             std::optional<torch::Tensor> r, torch::Tensor y, torch::Tensor log_den,
                                             torch::Tensor gout, torch::Tensor state, int64_t chunk_len) {
-  check_inputs(w, u, k, v, r, state);
-  TORCH_CHECK(y.sizes() == k.sizes() && log_den.sizes() == k.sizes() && gout.sizes() == k.sizes(),
-              "wkv backward: y, log_den and gout must match k");
+  check_inputs(w, u, k, v, r, state);  // y, log_den and gout were checked against k by the caller (ops.cpp)
   gout = gout.contiguous();
   const int64_t B = k.size(0), T = k.size(1), C = k.size(2);
   const Chunks chunks(T, chunk_len);
