@@ -1,11 +1,8 @@
-"""Classify texts token by token with a fine-tuned SpikeGPT, or generate text with a base SpikeGPT.
-
-See ``python infer.py --help`` and :mod:`spikegpt_ft.infer_cli`.
-"""
+"""Classify, evaluate or generate with SpikeGPT: ``python infer.py --checkpoint RUN --text "..."`` (``--help``)."""
 
 import sys
 
-from spikegpt_ft.infer_cli import main
+from spikegpt_ft.cli.infer import main
 
 if __name__ == "__main__":
     sys.exit(main())

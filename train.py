@@ -1,8 +1,8 @@
-"""Fine-tune SpikeGPT (full, LoRA or SpikeLoRA) on Subj, MR, SST-2 or SST-5: ``python train.py --help``."""
+"""Fine-tune or pretrain SpikeGPT: ``python train.py --adapter spikelora --task subj`` (``--help`` for more)."""
 
 import sys
 
-from spikegpt_ft.train_cli import main
+from spikegpt_ft.cli.train import main
 
 if __name__ == "__main__":
     sys.exit(main())

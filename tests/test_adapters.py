@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
 import torch
-from conftest import tiny_model
+from helpers import tiny_model
 from safetensors.torch import save_file
 from torch import nn
 
@@ -14,6 +15,7 @@ from spikegpt_ft.adapters import (
     DEFAULT_TARGETS,
     AdapterConfig,
     AdapterLinear,
+    SparsityMeter,
     adapter_modules,
     attach_adapters,
     base_fingerprint,
@@ -23,10 +25,7 @@ from spikegpt_ft.adapters import (
     merge_adapters,
     official_name,
     read_adapter_metadata,
-    reset_sparsity,
     save_adapters,
-    set_token_mask,
-    sparsity,
     unmerge_adapters,
 )
 from spikegpt_ft.model import fire
@@ -80,7 +79,7 @@ def test_default_attach_wraps_seven_linears_per_block_and_freezes_the_base():
     for name, p in model.named_parameters():
         assert p.requires_grad == (name.startswith("head.") or name.endswith((".lora_A", ".lora_B"))), name
     cfg = model.adapter_config
-    assert (cfg.kind, cfg.r, cfg.alpha, cfg.rslora, cfg.v_threshold, cfg.tau) == (
+    assert (cfg.kind, cfg.rank, cfg.alpha, cfg.rslora, cfg.v_threshold, cfg.tau) == (
         "spikelora",
         8,
         math.sqrt(8),
@@ -90,7 +89,7 @@ def test_default_attach_wraps_seven_linears_per_block_and_freezes_the_base():
     )
     assert cfg.scaling == pytest.approx(1.0)
     # gate neurons are model LIF nodes, so the recurrent state carries their membranes
-    assert "blocks.0.att.key.gate" in model.lif_nodes()
+    assert "blocks.0.att.key.gate" in model.spiking_neurons()
     # base keys map back to the official names
     assert "blocks.1.ffn.value.base.weight" in dict(model.named_parameters())
     assert official_name("blocks.1.ffn.value.base.weight") == "blocks.1.ffn.value.weight"
@@ -103,15 +102,15 @@ def test_default_attach_wraps_seven_linears_per_block_and_freezes_the_base():
 
 
 def test_config_expresses_the_paper_and_the_public_spikegpt_setting():
-    paper = AdapterConfig(kind="spikelora", r=8, rslora=True, v_threshold=0.1)
+    paper = AdapterConfig(kind="spikelora", rank=8, rslora=True, v_threshold=0.1)
     assert paper.alpha == pytest.approx(math.sqrt(8)) and paper.scaling == pytest.approx(1.0)
-    assert AdapterConfig(r=16).alpha == pytest.approx(4.0)
+    assert AdapterConfig(rank=16).alpha == pytest.approx(4.0)
     public = attach_adapters(tiny_model(), r=16, alpha=16, rslora=False, v_threshold=0.25).adapter_config
-    assert public.scaling == pytest.approx(1.0) and public.r == 16 and public.v_threshold == 0.25
+    assert public.scaling == pytest.approx(1.0) and public.rank == 16 and public.v_threshold == 0.25
     assert attach_adapters(tiny_model(), r=4, alpha=8, rslora=False).adapter_config.scaling == pytest.approx(2.0)
     assert AdapterConfig.from_dict(public.to_dict()) == public
     with pytest.raises(AttributeError):
-        public.r = 3  # frozen
+        public.rank = 3  # frozen
 
 
 def test_target_patterns():
@@ -129,7 +128,6 @@ def test_target_patterns():
         ({"r": 0}, "rank"),
         ({"r": 2.5}, "rank"),
         ({"targets": ["att.nothing"]}, "matches no linear"),
-        ({"targets": ["head"]}, "head is always trained in full"),
         ({"dropout": 1.0}, "dropout"),
         ({"tau": 1.0}, "tau"),
         ({"v_threshold": 0.0}, "v_threshold"),
@@ -181,7 +179,7 @@ def test_recurrent_equals_parallel_after_training(kind):
     if kind == "spikelora":
         gates = [n for n in state.membranes if n.endswith(".gate")]
         assert len(gates) == 7 * model.config.n_layer
-        assert all(state.membranes[n].shape == (3, model.adapter_config.r) for n in gates)
+        assert all(state.membranes[n].shape == (3, model.adapter_config.rank) for n in gates)
 
 
 # ------------------------------------------------------------------------------------------------ 3
@@ -217,7 +215,9 @@ def reference_lif(x: torch.Tensor, vth: float, tau: float = 2.0) -> torch.Tensor
 def test_gate_matches_an_independent_lif():
     torch.manual_seed(3)
     k, d, r, vth = 6, 5, 4, 0.1
-    layer = AdapterLinear(nn.Linear(k, d, bias=False), AdapterConfig(kind="spikelora", r=r, alpha=2.0, v_threshold=vth))
+    layer = AdapterLinear(
+        nn.Linear(k, d, bias=False), AdapterConfig(kind="spikelora", rank=r, alpha=2.0, v_threshold=vth)
+    )
     layer.base.weight.requires_grad_(False)
     with torch.no_grad():
         layer.lora_B.normal_()
@@ -298,7 +298,7 @@ def test_save_load_round_trip(tmp_path, kind):
     assert count_parameters(loaded) == count_parameters(model)
     meta = read_adapter_metadata(path)
     assert meta["extra"] == {"task": "sst2", "labels": '["neg","pos"]'}
-    assert AdapterConfig.from_dict(meta["adapter_config"]) == model.adapter_config
+    assert meta["adapter_config"] == model.adapter_config
     assert meta["base_fingerprint"] == base_fingerprint(tiny_model())
     assert meta["head"] == {"in": 32, "out": 3, "bias": True}
     # loading into a model that already carries the same adapters just refreshes the weights
@@ -329,7 +329,7 @@ def test_wrong_rank_is_an_error(tmp_path):
 
     with safe_open(str(path), framework="pt") as f:
         meta = f.metadata()
-    meta["adapter_config"] = meta["adapter_config"].replace('"r": 4', '"r": 8')
+    meta["adapter_config"] = meta["adapter_config"].replace('"rank": 4', '"rank": 8')
     save_file(load_file(str(path)), str(tmp_path / "b.safetensors"), metadata=meta)
     with pytest.raises(ValueError, match="rank"):
         load_adapters(tiny_model(), tmp_path / "b.safetensors")
@@ -367,17 +367,15 @@ def test_fingerprint_ignores_dtype_adapters_and_head_but_not_weights():
 
 
 def run_sparsity(model, x, mask=None) -> dict[str, float]:
-    reset_sparsity(model)
-    set_token_mask(model, mask)
-    with torch.no_grad():
+    meter = SparsityMeter(model)
+    with torch.no_grad(), meter.recording(mask):
         model(x)
-    return sparsity(model)
+    return meter.result()
 
 
-def test_sparsity_lora_is_zero_and_spikelora_rises_with_threshold():
+def test_sparsity_lora_has_no_gate_and_spikelora_rises_with_threshold():
     x = ids(2, 16)
-    lora = run_sparsity(attach_adapters(tiny_model(), kind="lora"), x)
-    assert lora["mean"] == 0.0
+    assert run_sparsity(attach_adapters(tiny_model(), kind="lora"), x) == {}  # no gate: nothing to measure
     means = []
     for vth in (0.05, 0.1, 0.5, 1.0):
         torch.manual_seed(11)  # the same A for every threshold
@@ -394,6 +392,22 @@ def test_sparsity_lora_is_zero_and_spikelora_rises_with_threshold():
     assert means == sorted(means) and means[0] < means[-1]
 
 
+def test_sparsity_equals_a_count_of_the_gated_activations():
+    """The meter's fraction against zeros counted by hand from forward hooks on the gated products."""
+    model = attach_adapters(tiny_model(), v_threshold=0.2)
+    x = ids(2, 9)
+    seen = {}
+    hooks = [
+        m.gate.register_forward_hook(lambda mod, inp, out, name=name: seen.__setitem__(name, (inp[0], out)))
+        for name, m in adapter_modules(model).items()
+    ]
+    result = run_sparsity(model, x)
+    for h in hooks:
+        h.remove()
+    for name, (a, spikes) in seen.items():
+        assert result[name] == pytest.approx(float(((a * spikes) == 0).double().mean()), abs=0), name
+
+
 def test_sparsity_counts_real_tokens_only_and_accumulates():
     model = attach_adapters(tiny_model())
     real = ids(2, 10)
@@ -402,47 +416,51 @@ def test_sparsity_counts_real_tokens_only_and_accumulates():
     unpadded = run_sparsity(model, real)
     assert run_sparsity(model, padded, mask) == unpadded
     assert run_sparsity(model, padded) != unpadded  # the padding would change the figure if counted
-    # ragged padding: row 0 has 10 real tokens, row 1 only 4
     mask2 = mask.clone()
-    mask2[1, 4:] = False
-    a = run_sparsity(model, padded, mask2)
-    assert 0.0 < a["mean"] < 1.0
-    # counts accumulate over calls until reset; step calls take a [B, 1] mask or None
-    reset_sparsity(model)
-    set_token_mask(model, None)
+    mask2[1, 4:] = False  # ragged padding: row 0 has 10 real tokens, row 1 only 4
+    assert 0.0 < run_sparsity(model, padded, mask2)["mean"] < 1.0
+    # counts accumulate over recordings until reset; step calls take a [B, 1] mask or none
+    meter = SparsityMeter(model)
+    with torch.no_grad():
+        with meter.recording():
+            model(real)
+        once = meter.counts().clone()
+        with meter.recording(torch.tensor([[True], [False]])):
+            model.step(real[:, 0], model.init_state(2))
+    assert torch.all(meter.counts()[:, 1] > once[:, 1])
+    assert all(0.0 <= v <= 1.0 for v in meter.result().values())
+    # a [B, T] mask for a step call is an error, not a silent miscount
+    with pytest.raises(ValueError, match="token mask"), torch.no_grad(), meter.recording(mask):
+        model.step(real[:, 0], model.init_state(2))
+    # nothing outside a recording is counted; counters are not in the state dict; no token seen -> NaN
+    meter.reset()
     with torch.no_grad():
         model(real)
-        state = model.init_state(2)
-        set_token_mask(model, torch.tensor([[True], [False]]))
-        model.step(real[:, 0], state)
-    acc = sparsity(model)
-    assert all(0.0 <= v <= 1.0 for v in acc.values())
-    # a [B, T] mask left in place for a step call is an error, not a silent miscount
-    set_token_mask(model, mask)
-    with pytest.raises(ValueError, match="token mask"), torch.no_grad():
-        model.step(real[:, 0], model.init_state(2))
-    set_token_mask(model, None)
-    # counters are not part of the state dict; no token seen -> NaN
     assert not any("sparsity" in k for k in model.state_dict())
-    reset_sparsity(model)
-    assert math.isnan(sparsity(model)["mean"])
+    assert math.isnan(meter.result()["mean"])
 
 
-def test_sparsity_needs_adapters():
-    with pytest.raises(ValueError, match="no adapters"):
-        sparsity(tiny_model())
-    set_token_mask(tiny_model(), torch.ones(2, 3, dtype=torch.bool))  # no adapters: nothing to do
-    reset_sparsity(tiny_model())
+def test_meters_count_only_inside_their_own_recording():
+    model = attach_adapters(tiny_model())
+    outer, inner = SparsityMeter(model), SparsityMeter(model)
+    with torch.no_grad(), outer.recording():
+        model(ids())
+        with inner.recording():
+            model(ids())
+    # each counted one pass of the same shape: the inner pass went to the inner meter only
+    assert torch.all(inner.counts()[:, 1] > 0) and torch.equal(inner.counts()[:, 1], outer.counts()[:, 1])
+    assert len(SparsityMeter(tiny_model())) == 0 and SparsityMeter(tiny_model()).result() == {}
 
 
 def test_counting_works_across_inference_mode_and_training():
     model = attach_adapters(tiny_model())
-    with torch.inference_mode():
-        reset_sparsity(model)
+    meter = SparsityMeter(model)
+    with torch.inference_mode(), meter.recording():
         model(ids())
     model.train()
-    model(ids()).sum().backward()  # counters touched in inference mode still update under autograd
-    assert 0.0 < sparsity(model)["mean"] < 1.0
+    with meter.recording():
+        model(ids()).sum().backward()  # counters touched in inference mode still update under autograd
+    assert 0.0 < meter.result()["mean"] < 1.0
 
 
 # ------------------------------------------------------------------------------------------------ merge
@@ -478,3 +496,103 @@ def test_bfloat16_model_computes_in_bfloat16():
     with torch.no_grad():
         out = model(ids())
     assert out.dtype == torch.bfloat16 and torch.isfinite(out.float()).all()
+
+
+# ------------------------------------------------------------------------------------------------ head and old files
+
+
+def test_head_target_adds_an_adapter_and_keeps_the_head_weight_trained():
+    """The SpikeLoRA authors' SpikeGPT experiment adapts the head as well and trains its weight in full."""
+    model = tiny_model(head_out=2)
+    attach_adapters(model, targets=["att.key", "head"])
+    assert isinstance(model.head, AdapterLinear) and model.head.gate is not None
+    assert model.head.base.weight.requires_grad and model.head.lora_A.requires_grad
+    assert not model.blocks[0].att.value.weight.requires_grad
+
+
+def test_first_format_adapter_files_load_with_the_temporal_gate(tmp_path):
+    """A version-1 file (keys ``r``, ``dropout``, no ``gate``) loads, as the temporal gate it was trained with."""
+    model = attach_adapters(tiny_model(), r=4, alpha=8, rslora=False, v_threshold=0.25)
+    train_a_little(model)
+    path = save_adapters(model, tmp_path / "new.safetensors")
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    with safe_open(str(path), framework="pt") as f:
+        meta = dict(f.metadata())
+    config = json.loads(meta["adapter_config"])
+    config["r"], config["dropout"] = config.pop("rank"), config.pop("lora_dropout")
+    del config["gate"]
+    meta["adapter_config"], meta["version"] = json.dumps(config), "1"
+    save_file(load_file(str(path)), str(tmp_path / "old.safetensors"), metadata=meta)
+    loaded = load_adapters(tiny_model(), tmp_path / "old.safetensors")
+    assert loaded.adapter_config == model.adapter_config and loaded.adapter_config.gate == "temporal"
+    x = ids()
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.eval()(x), model.eval()(x), atol=0, rtol=0)
+
+
+# ------------------------------------------------------------------------------------------------ pointwise gate
+
+
+def reference_pointwise(x: torch.Tensor, vth: float, tau: float = 2.0) -> torch.Tensor:
+    """The authors' gate written plainly: a fresh membrane at every token, so h = x / tau; spike iff h >= vth."""
+    return _Heaviside.apply(x / tau - vth)
+
+
+@pytest.mark.parametrize("vth", [0.1, 0.25])
+def test_pointwise_gate_matches_a_plain_reference_forward_and_surrogate_gradients(vth):
+    torch.manual_seed(5)
+    k, d, r = 6, 5, 4
+    config = AdapterConfig(kind="spikelora", rank=r, alpha=2.0, v_threshold=vth, gate="pointwise")
+    layer = AdapterLinear(nn.Linear(k, d, bias=False), config)
+    layer.base.weight.requires_grad_(False)
+    with torch.no_grad():
+        layer.lora_B.normal_()
+    x = torch.randn(3, 9, k)
+    w_out = torch.randn(3, 9, d)
+    out = layer(x)
+    (out * w_out).sum().backward()
+    A = layer.lora_A.detach().clone().requires_grad_(True)
+    B = layer.lora_B.detach().clone().requires_grad_(True)
+    a = x @ A.T
+    spikes = reference_pointwise(a, vth)
+    assert 0 < spikes.mean() < 1  # both outcomes occur
+    ref_out = x @ layer.base.weight.T + layer.scaling * ((spikes * a) @ B.T)
+    (ref_out * w_out).sum().backward()
+    torch.testing.assert_close(out, ref_out, atol=1e-6, rtol=0)
+    torch.testing.assert_close(layer.lora_A.grad, A.grad, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(layer.lora_B.grad, B.grad, atol=1e-5, rtol=1e-5)
+    # a token's decision does not depend on the tokens before it (unlike the temporal gate)
+    alone = layer(x[:, 4:5])
+    torch.testing.assert_close(alone, out[:, 4:5], atol=1e-6, rtol=0)
+
+
+def test_the_two_gates_disagree_on_real_inputs():
+    torch.manual_seed(6)
+    base = nn.Linear(16, 8, bias=False)
+    temporal = AdapterLinear(base, AdapterConfig(kind="spikelora", rank=8, v_threshold=0.1, gate="temporal"))
+    pointwise = AdapterLinear(base, AdapterConfig(kind="spikelora", rank=8, v_threshold=0.1, gate="pointwise"))
+    with torch.no_grad():
+        pointwise.lora_A.copy_(temporal.lora_A)
+        x = torch.randn(2, 32, 16)
+        a = x @ temporal.lora_A.T
+        temporal.gate.reset()
+        masks = [fire(temporal.gate, a), reference_pointwise(a, 0.1)]
+    disagree = (masks[0] != masks[1]).float().mean()
+    assert 0 < disagree < 0.5
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("gate", ["temporal", "pointwise"])
+def test_recurrent_equals_parallel_for_both_gates(kind, gate):
+    model = attach_adapters(tiny_model(), kind=kind, gate=gate, v_threshold=0.1)
+    train_a_little(model)
+    model.eval()
+    x = ids(2, 14)
+    with torch.no_grad():
+        parallel = model(x)
+        torch.testing.assert_close(stepwise(model, x), parallel, atol=1e-4, rtol=0)
+    carried = model.carried_neurons()
+    gates = [n for n in carried if n.endswith(".gate")]
+    assert len(gates) == (7 * model.config.n_layer if (kind, gate) == ("spikelora", "temporal") else 0)

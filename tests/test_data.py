@@ -6,8 +6,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import toy_split
 
-from spikegpt_ft import data
+from spikegpt_ft import data, paths
 from spikegpt_ft.data import (
     PAD_ID,
     TASKS,
@@ -126,15 +127,6 @@ def test_bucket_sampler_covers_everything_and_is_reproducible():
     assert sorted(i for b in ev for i in b) == list(range(203))
 
 
-def _toy_split(n: int = 50):
-    from datasets import Dataset
-
-    g = torch.Generator().manual_seed(0)
-    lengths = torch.randint(1, 9, (n,), generator=g).tolist()
-    ids = [list(range(10 + i, 10 + i + k)) for i, k in enumerate(lengths)]
-    return Dataset.from_dict({"input_ids": ids, "label": [i % 2 for i in range(n)], "length": lengths})
-
-
 def _labels_of(batches) -> list[list[int]]:
     return [b["input_ids"][:, 0].tolist() for b in batches]  # first token = 10 + example index
 
@@ -142,7 +134,7 @@ def _labels_of(batches) -> list[list[int]]:
 @pytest.mark.parametrize("workers", [0, 1])
 def test_training_loader_state_continues_where_it_stopped(workers):
     """The state Lightning checkpoints brings a fresh loader to the same place of the same epoch's order."""
-    split = _toy_split()
+    split = toy_split()
     ref = data.make_loader(split, 4, shuffle=True, seed=3, num_workers=workers)
     ref.batch_sampler.set_epoch(1)
     epoch1 = _labels_of(ref)
@@ -212,16 +204,16 @@ def test_label_out_of_range_names_file_and_line(tmp_path):
 def test_missing_data_dir_names_the_paths_searched(tmp_path, monkeypatch):
     with pytest.raises(FileNotFoundError, match=str(tmp_path / "nowhere")):
         find_data_dir("mr", tmp_path / "nowhere")
-    monkeypatch.setattr(data, "REPO_ROOT", tmp_path / "repo")
+    monkeypatch.setattr(paths, "search_roots", lambda: [tmp_path / "repo"])
     with pytest.raises(FileNotFoundError) as err:
         find_data_dir("subj")
     msg = str(err.value)
     assert str(tmp_path / "repo" / "data" / "subj") in msg and str(tmp_path / "shared" / "data" / "subj") in msg
-    assert "subj.objective" in msg and "--data-dir" in msg
+    assert "subj.objective" in msg and "--data_dir" in msg
 
 
 def test_missing_tokenizer_names_the_paths_searched(tmp_path, monkeypatch):
-    monkeypatch.setattr(data, "REPO_ROOT", tmp_path / "repo")
+    monkeypatch.setattr(paths, "search_roots", lambda: [tmp_path / "repo"])
     with pytest.raises(FileNotFoundError) as err:
         find_tokenizer()
     msg = str(err.value)

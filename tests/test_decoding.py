@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import tiny_model
+from helpers import tiny_model
 
 from spikegpt_ft import inference
-from spikegpt_ft.adapters import adapter_modules, attach_adapters, reset_sparsity
-from spikegpt_ft.decoding import GraphedStepper
+from spikegpt_ft.adapters import SparsityMeter, attach_adapters
+from spikegpt_ft.inference import stepping
+from spikegpt_ft.inference.decoding import GraphedStepper
 
 B, STEPS, VOCAB = 3, 20, 97
 
@@ -82,15 +83,16 @@ def test_logits_are_the_steppers_buffer_and_the_state_is_a_copy(model):
 
 def test_construction_leaves_sparsity_counts_alone_and_steps_count_like_model_step(model):
     rows = token_rows(5)
-    adapters = adapter_modules(model).values()
-    reset_sparsity(model)
-    reference(model, rows)
-    expected = [(int(m.sparsity_zeros), int(m.sparsity_total)) for m in adapters]
-    reset_sparsity(model)
-    stepper = GraphedStepper(model, B)  # its probe step must not be counted
-    assert all(int(m.sparsity_total) == 0 for m in adapters)
-    run(stepper, rows)
-    assert [(int(m.sparsity_zeros), int(m.sparsity_total)) for m in adapters] == expected
+    meter = SparsityMeter(model)
+    with meter.recording():
+        reference(model, rows)
+    expected = meter.counts().clone()
+    meter.reset()
+    with meter.recording():
+        stepper = GraphedStepper(model, B)  # its probe step must not be counted
+        assert int(meter.counts()[:, 1].sum()) == 0
+        run(stepper, rows)
+    assert torch.equal(meter.counts(), expected)
 
 
 def test_load_state_after_prefill_continues_like_model_step(model):
@@ -171,7 +173,7 @@ def test_generation_and_streaming_through_the_stepper_match_model_step(monkeypat
     sampled = inference.generate(lm, prompt, 12, temperature=1.0, generator=torch.Generator().manual_seed(1))
     running = torch.stack(list(inference.stream(clf, text)))
     built = []
-    monkeypatch.setattr(inference, "_uses_graph", lambda device: built.append(device) or True)
+    monkeypatch.setattr(stepping, "uses_graph", lambda device: built.append(device) or True)
     assert inference.generate(lm, prompt, 12, temperature=0.0) == greedy
     assert inference.generate(lm, prompt, 12, temperature=1.0, generator=torch.Generator().manual_seed(1)) == sampled
     torch.testing.assert_close(torch.stack(list(inference.stream(clf, text))), running, atol=1e-6, rtol=0)
@@ -180,7 +182,7 @@ def test_generation_and_streaming_through_the_stepper_match_model_step(monkeypat
 
 
 def test_bench_records_whether_a_graph_was_used_and_refuses_one_on_the_cpu():
-    from spikegpt_ft import bench
+    from spikegpt_ft.tools import bench
 
     tiny = ["--layers", "1", "--embd", "32", "--vocab", "97", "--repeats", "2", "--warmup", "1",
             "--rec-steps", "2", "--rec-batch", "3", "--rec-batch-steps", "2"]  # fmt: skip

@@ -8,10 +8,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import FIXTURES, tiny_model
+from helpers import FIXTURES, tiny_model
 
 from spikegpt_ft import load_model
-from spikegpt_ft.wkv import fresh_state, wkv
+from spikegpt_ft.ops.wkv import fresh_state, wkv
 
 pytestmark = [
     pytest.mark.gpu,
@@ -104,7 +104,7 @@ def test_cuda_graph_stepper_reproduces_model_step():
     """decoding.GraphedStepper's captured graph against eager model.step on CUDA, SpikeLoRA gates included;
     a replay never syncs with the host, and in-place weight changes are seen by the graph."""
     from spikegpt_ft.adapters import attach_adapters
-    from spikegpt_ft.decoding import GraphedStepper
+    from spikegpt_ft.inference.decoding import GraphedStepper
 
     model = attach_adapters(tiny_model(seed=5), kind="spikelora", r=4)
     for name, p in model.named_parameters():
@@ -143,7 +143,7 @@ def test_cuda_graph_stepper_reproduces_model_step():
 @torch.no_grad()
 def test_generation_and_streaming_on_cuda_go_through_the_graph_and_match_the_cpu(monkeypatch):
     from spikegpt_ft import inference
-    from spikegpt_ft.decoding import GraphedStepper
+    from spikegpt_ft.inference.decoding import GraphedStepper
 
     built = []
 

@@ -4,16 +4,15 @@ from __future__ import annotations
 
 import copy
 import json
-import sys
-import types
 
 import pytest
 import torch
-from conftest import SHARED, tiny_model
+from helpers import SHARED, export_classifier_run, tiny_model
 
-import spikegpt_ft
-from spikegpt_ft import infer_cli, inference
-from spikegpt_ft.quantize import cast_weights
+from spikegpt_ft import inference
+from spikegpt_ft.cli import infer as infer_cli
+from spikegpt_ft.data import EOS_ID
+from spikegpt_ft.inference import cast_weights
 
 TOKENIZER = SHARED / "tokenizer" / "20B_tokenizer.json"
 TEXTS = [
@@ -203,8 +202,8 @@ def run_cli(argv, capsys):
 @pytest.mark.parametrize(
     "argv, message",
     [
-        (["--checkpoint", "/nonexistent/run", "--text", "hi"], "checkpoint not found"),
-        (["--generate", "Once upon a time"], "--generate needs --base"),
+        (["--checkpoint", "/nonexistent/run", "--text", "hi"], "no checkpoint at /nonexistent/run"),
+        (["--generate", "Once upon a time"], "--generate needs a language model"),
         (["--base", "/nonexistent/base.pth", "--generate", "hi"], "base model not found"),
         ([], "give --checkpoint"),
     ],
@@ -223,7 +222,6 @@ def test_cli_wrong_kind_of_file(tmp_path, capsys):
 
 
 def test_cli_checkpoint_of_the_wrong_kind(tmp_path, capsys):
-    pytest.importorskip("spikegpt_ft.checkpoint", reason="checkpoint.py (load_classifier) is not in this tree yet")
     text = tmp_path / "notes.txt"
     text.write_text("not a checkpoint\n")
     code, _, err = run_cli(["--checkpoint", str(text), "--text", "hi"], capsys)
@@ -231,21 +229,10 @@ def test_cli_checkpoint_of_the_wrong_kind(tmp_path, capsys):
 
 
 @pytest.fixture
-def fake_checkpoint(monkeypatch, tmp_path, text_model_and_ids):
-    """A run directory that ``checkpoint.load_classifier`` 'loads' as the tiny text classifier."""
+def fake_checkpoint(tmp_path, text_model_and_ids):
+    """A finished run directory holding the tiny text classifier."""
     model, _ = text_model_and_ids
-    run = tmp_path / "run"
-    run.mkdir()
-
-    def load_classifier(path, base=None, device="cpu"):
-        assert str(path) == str(run)
-        info = {"task": "subj", "labels": ["objective", "subjective"], "tokenizer": str(TOKENIZER)}
-        return copy.deepcopy(model), info
-
-    fake = types.SimpleNamespace(load_classifier=load_classifier)
-    monkeypatch.setitem(sys.modules, "spikegpt_ft.checkpoint", fake)
-    monkeypatch.setattr(spikegpt_ft, "checkpoint", fake, raising=False)
-    return run, model
+    return export_classifier_run(copy.deepcopy(model), tmp_path / "run"), model
 
 
 def test_cli_classifies_file_lines_skipping_empty_and_undecodable(fake_checkpoint, tokenizer, tmp_path, capsys):
@@ -311,15 +298,15 @@ def test_cli_greedy_generation_matches_the_engine(tmp_path, tokenizer, capsys):
         capsys,
     )
     assert code == 0, err
-    tokens = inference.generate(model, tokenizer.encode(prompt).ids, 6, temperature=0.0, stop_ids=(infer_cli.EOS_ID,))
-    tokens = [t for t in tokens if t != infer_cli.EOS_ID]
+    tokens = inference.generate(model, tokenizer.encode(prompt).ids, 6, temperature=0.0, stop_ids=(EOS_ID,))
+    tokens = [t for t in tokens if t != EOS_ID]
     assert out == prompt + tokenizer.decode(tokens) + "\n"
 
 
 def test_cli_evaluate_reports_both_modes_on_the_test_split(fake_checkpoint, tokenizer, tmp_path, capsys):
     from spikegpt_ft.data import build_splits
 
-    run, model = fake_checkpoint
+    _, model = fake_checkpoint
     data = tmp_path / "subj"
     data.mkdir()
     words = ["plot", "film", "brilliant", "dull", "the", "a", "story", "of", "two", "lovely", "mess", "village"]
@@ -328,6 +315,7 @@ def test_cli_evaluate_reports_both_modes_on_the_test_split(fake_checkpoint, toke
         lines = [" ".join(words[int(i)] for i in torch.randint(0, len(words), (int(n),), generator=g))
                  for n in torch.randint(1, 30, (40,), generator=g)]  # fmt: skip
         (data / name).write_text("\n".join(lines) + "\n", encoding="latin-1")
+    run = export_classifier_run(copy.deepcopy(model), tmp_path / "evaluated", data_dir=data)
     code, out, err = run_cli(["--checkpoint", str(run), "--evaluate", "--data-dir", str(data), "--json"], capsys)
     assert code == 0, err
     result = json.loads(out)

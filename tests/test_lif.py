@@ -14,10 +14,10 @@ import pytest
 import torch
 from spikingjelly.activation_based import neuron, surrogate
 
-from spikegpt_ft import lif
-from spikegpt_ft.extension import extension
-from spikegpt_ft.lif import CompiledLIFNode
 from spikegpt_ft.model import make_lif
+from spikegpt_ft.ops import lif
+from spikegpt_ft.ops.extension import extension
+from spikegpt_ft.ops.lif import CompiledLIFNode
 
 SPIKEGPT = {
     "v_reset": 0.0,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import FIXTURES, tiny_model
+from helpers import FIXTURES, tiny_model
 
 from spikegpt_ft import RecurrentState, load_model
 from spikegpt_ft.model import SpikeGPTConfig
@@ -19,7 +19,7 @@ def spike_rates(model, ids) -> dict[str, float]:
     rates: dict[str, float] = {}
     hooks = [
         node.register_forward_hook(lambda _m, _i, out, name=name: rates.__setitem__(name, out.mean().item()))
-        for name, node in model.lif_nodes().items()
+        for name, node in model.spiking_neurons().items()
     ]
     with torch.no_grad():
         model(ids)
@@ -32,8 +32,11 @@ def spike_rates(model, ids) -> dict[str, float]:
 def test_logits_grads_and_spike_rates_match_official(name):
     model, expect = load_fixture(name)
     assert model.config == SpikeGPTConfig(
-        expect["meta"]["vocab_size"], expect["meta"]["n_embd"], expect["meta"]["n_layer"],
-        4 * expect["meta"]["n_embd"], expect["meta"]["vocab_size"],
+        expect["meta"]["vocab_size"],
+        expect["meta"]["n_embd"],
+        expect["meta"]["n_layer"],
+        4 * expect["meta"]["n_embd"],
+        expect["meta"]["vocab_size"],
     )
     logits = model(expect["ids"])
     assert (logits - expect["logits"]).abs().max() < 1e-3

@@ -1,4 +1,5 @@
-"""Lower-precision inference weights (spikegpt_ft.quantize): int8 and bf16 decoding layers against plain references."""
+"""Lower-precision inference weights (spikegpt_ft.inference.precision, spikegpt_ft.ops.linear): int8 and bf16
+decoding layers against plain references."""
 
 from __future__ import annotations
 
@@ -7,8 +8,9 @@ import torch
 from torch import nn
 
 from spikegpt_ft.adapters import AdapterLinear, attach_adapters
+from spikegpt_ft.inference import cast_weights, quantize_int8
 from spikegpt_ft.model import SpikeGPT, SpikeGPTConfig
-from spikegpt_ft.quantize import DecodingLinear, Int8Linear, cast_weights, quantize_int8
+from spikegpt_ft.ops import Int8Linear, Linear
 
 #: Relative size of one rounding to bfloat16 (half an ulp: 8 significant bits).
 BF16_ROUNDING = 2.0**-8
@@ -20,6 +22,13 @@ def _linear(n_in: int, n_out: int, bias: bool = False, seed: int = 0) -> nn.Line
     with torch.no_grad():
         layer.weight[0].zero_()  # an all-zero row must not divide by zero
         layer.weight[1] *= 50  # rows of very different ranges get their own scales
+    return layer
+
+
+def _fast(plain: nn.Linear) -> Linear:
+    """The model's :class:`Linear` holding a copy of ``plain``'s weights."""
+    layer = Linear(plain.in_features, plain.out_features, bias=plain.bias is not None, dtype=plain.weight.dtype)
+    layer.load_state_dict(plain.state_dict())
     return layer
 
 
@@ -103,7 +112,7 @@ def test_int8_model_runs_recurrently_with_exactly_its_parallel_outputs(adapter):
 def test_decoding_linear_computes_in_float32_and_rounds_once(n_in, bias, rows):
     """One or two bfloat16 rows through the compiled kernel: the float64 product of the bfloat16 values, up to
     float32 accumulation and one rounding to bfloat16 (widths that are and are not multiples of its 16 lanes)."""
-    layer = DecodingLinear.sharing(_linear(n_in, 300, bias=bias, seed=2).to(torch.bfloat16))
+    layer = _fast(_linear(n_in, 300, bias=bias, seed=2).to(torch.bfloat16))
     x = torch.randn(rows, 1, n_in).to(torch.bfloat16)
     with torch.no_grad():  # the weights are parameters: with gradients on, nn.Linear's path would run
         assert layer.uses_kernel(x)
@@ -118,8 +127,7 @@ def test_decoding_linear_computes_in_float32_and_rounds_once(n_in, bias, rows):
 
 def test_decoding_linear_is_nn_linear_for_more_rows_other_dtypes_and_gradients():
     plain = _linear(64, 40, bias=True, seed=3).to(torch.bfloat16)
-    layer = DecodingLinear.sharing(plain)
-    assert layer.weight is plain.weight and layer.bias is plain.bias  # shared, not copied
+    layer = _fast(plain)
     rows = torch.randn(3, 64).to(torch.bfloat16)
     row = rows[:1].clone().requires_grad_()
     with torch.no_grad():
@@ -131,14 +139,18 @@ def test_decoding_linear_is_nn_linear_for_more_rows_other_dtypes_and_gradients()
     assert torch.equal(out, plain(row)) and row.grad is not None
 
 
-def test_bfloat16_cast_on_the_cpu_makes_every_linear_a_decoding_linear():
+def test_every_linear_of_the_model_takes_the_fast_path_in_bfloat16_however_cast():
     model = _tiny_model()
     attach_adapters(model, "spikelora", r=4)
     names = [name for name, m in model.named_modules() if isinstance(m, nn.Linear)]
-    expected = {k: v.to(torch.bfloat16) for k, v in model.state_dict().items()}
-    cast_weights(model, "bfloat16")
     modules = dict(model.named_modules())
-    assert names and all(type(modules[name]) is DecodingLinear for name in names)
+    assert names and all(type(modules[name]) is Linear for name in names)
+    expected = {k: v.to(torch.bfloat16) for k, v in model.state_dict().items()}
+    row = torch.randn(1, model.config.n_embd).to(torch.bfloat16)
+    for cast in (lambda m: cast_weights(m, "bfloat16"), lambda m: m.to(torch.bfloat16)):
+        cast(model)
+        with torch.no_grad():
+            assert all(modules[name].uses_kernel(row) for name in names if modules[name].in_features == row.shape[1])
     got = model.state_dict()
     assert got.keys() == expected.keys() and all(torch.equal(got[k], v) for k, v in expected.items())
     cast_weights(model, "int8")  # still possible: the decoding layers are nn.Linear

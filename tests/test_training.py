@@ -12,15 +12,22 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import ROOT as REPO
+from helpers import toy_split
 
 from spikegpt_ft import adapters as ad
-from spikegpt_ft.checkpoint import export_run, load_classifier
+from spikegpt_ft.cli.train import main
 from spikegpt_ft.data import TaskDataModule, load_tokenizer
-from spikegpt_ft.train_cli import main
-from spikegpt_ft.training import build_classifier, last_token_logits
+from spikegpt_ft.runs import load_run
+from spikegpt_ft.training import Optimization, SpikeGPTClassifier, build_base, build_classifier, last_token_logits
 
-REPO = Path(__file__).resolve().parents[1]
-TINY = str(REPO / "configs" / "model" / "tiny.yaml")
+
+def classifier(adapter: str, rank: int = 8, base: str = "scratch", preset: str | None = "tiny"):
+    """A 2-class classifier on a scratch tiny base (or ``base``), with ``adapter`` (none = full)."""
+    model, info = build_base(base, preset)
+    config = None if adapter == "none" else ad.AdapterConfig(kind=adapter, rank=rank)
+    return build_classifier(model, 2, config), info
+
 
 #: A few hundred Subj sentences on the tiny scratch model: enough to beat chance in seconds.
 QUICK = [
@@ -30,8 +37,8 @@ QUICK = [
 ]  # fmt: skip
 
 KEYS = {
-    "test_accuracy", "val_accuracy", "sparsity", "trainable_params", "total_params", "epoch_time_s",
-    "peak_memory_mb", "base", "task", "adapter", "seed", "epochs",
+    "test_accuracy", "val_accuracy", "test_sparsity", "trainable_params", "total_params", "epoch_time_s",
+    "peak_memory_mb", "base", "task", "adapter", "seed", "epochs", "protocol", "gate", "selected_epoch",
 }  # fmt: skip
 
 
@@ -57,7 +64,7 @@ def _texts(shared):
 @pytest.mark.parametrize("adapter", ["none", "spikelora"])
 def test_padding_never_influences_a_prediction(shared, adapter):
     torch.manual_seed(0)
-    model, _ = build_classifier("scratch", 2, adapter, TINY)
+    model, _ = classifier(adapter)
     if adapter != "none":
         with torch.no_grad():
             for m in ad.adapter_modules(model).values():
@@ -69,32 +76,27 @@ def test_padding_never_influences_a_prediction(shared, adapter):
     for i, s in enumerate(seqs):
         ids[i, : len(s)] = torch.tensor(s)
     mask = torch.arange(ids.shape[1]) < lengths[:, None]
+    batched_meter, alone_meter = ad.SparsityMeter(model), ad.SparsityMeter(model)
     with torch.no_grad():
-        if adapter != "none":
-            ad.reset_sparsity(model)
-        batched = last_token_logits(model, ids, lengths, mask)
-        counted = [(m.sparsity_zeros.item(), m.sparsity_total.item()) for m in ad.adapter_modules(model).values()]
+        with batched_meter.recording(mask):
+            batched = last_token_logits(model, ids, lengths)
         alone = []
-        if adapter != "none":
-            ad.reset_sparsity(model)
         for s in seqs:
             x = torch.tensor([s])
-            alone.append(last_token_logits(model, x, torch.tensor([len(s)]), torch.ones_like(x, dtype=torch.bool)))
+            with alone_meter.recording():
+                alone.append(last_token_logits(model, x, torch.tensor([len(s)])))
     torch.testing.assert_close(batched, torch.cat(alone), rtol=0, atol=1e-5)
     if adapter != "none":  # the sparsity count sees the real tokens only
-        single = [(m.sparsity_zeros.item(), m.sparsity_total.item()) for m in ad.adapter_modules(model).values()]
-        assert counted == single
+        assert torch.equal(batched_meter.counts(), alone_meter.counts())
 
 
 def test_training_step_checks_ids_on_the_host_and_never_syncs(monkeypatch):
     """Out-of-vocabulary ids are refused before the batch is copied to the device; the step itself then
     runs without the range check, and nothing in it (forward, loss, the running train loss, backward)
     reads a tensor's value on the host, which on a GPU would be a host-device sync."""
-    from spikegpt_ft.training import SpikeGPTClassifier
-
     torch.manual_seed(0)
-    model, _ = build_classifier("scratch", 2, "lora", TINY)
-    module = SpikeGPTClassifier(model, 2, "lora")
+    model, _ = classifier("lora")
+    module = SpikeGPTClassifier(model, 2)
     vocab = model.config.vocab_size
     ids = torch.randint(0, vocab, (2, 5))
     batch = {"input_ids": ids, "lengths": torch.tensor([5, 3]), "mask": torch.ones(2, 5, dtype=torch.bool),
@@ -167,16 +169,19 @@ def test_end_to_end_fine_tune(runs, adapter):
     assert metrics["val_accuracy"] == max(e["val_accuracy"] for e in metrics["epochs"])
     assert metrics["splits"] == {"train": 1200, "validation": 200, "test": 200}
     assert metrics["trainable_params"] < metrics["total_params"] if adapter != "none" else True
+    assert metrics["protocol"] == "default" and metrics["gate"] == ("temporal" if adapter == "spikelora" else None)
     if adapter == "spikelora":
-        assert 0 < metrics["sparsity"] < 1 and "blocks.0.att.key" in metrics["sparsity_per_module"]
+        assert 0 < metrics["test_sparsity"] < 1 and "blocks.0.att.key" in metrics["test_sparsity_per_module"]
+    else:
+        assert metrics["test_sparsity"] is None
     if adapter == "none":
-        assert metrics["sparsity"] is None and metrics["trainable_params"] == metrics["total_params"]
+        assert metrics["trainable_params"] == metrics["total_params"]
     for name in ("last.ckpt", "best.ckpt", "run_config.json", "model.safetensors"):
         assert (run_dir / name).is_file(), name
     assert (run_dir / "adapter.safetensors").is_file() == (adapter != "none")
     assert list(run_dir.glob("logs/version_0/metrics.csv"))
-    model, info = load_classifier(run_dir)
-    assert info["task"] == "subj" and info["labels"] == ["objective", "subjective"] and info["adapter"] == adapter
+    model, info = load_run(run_dir)
+    assert info.task == "subj" and info.labels == ["objective", "subjective"] and info.adapter == adapter
     assert not model.training
     # infer.py on the run: held-out sentences classified token by token and in parallel, the same answers
     evaluated = subprocess.run(
@@ -234,8 +239,6 @@ def _fit_toy(root: Path, stop_at_step: int | None = None, resume: bool = False):
     from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 
     from spikegpt_ft.data import make_loader
-    from spikegpt_ft.training import SpikeGPTClassifier
-    from tests.test_data import _toy_split
 
     seen: list[list[int]] = []
 
@@ -246,9 +249,9 @@ def _fit_toy(root: Path, stop_at_step: int | None = None, resume: bool = False):
             seen.append(batch["input_ids"][:, 0].tolist())
 
     L.seed_everything(0, verbose=False)
-    model, _ = build_classifier("scratch", 2, "lora", TINY, {"r": 4})
-    module = SpikeGPTClassifier(model, 2, "lora", lr=1e-2, warmup_ratio=0.1, seed=0)
-    split = _toy_split(40)
+    model, _ = classifier("lora", rank=4)
+    module = SpikeGPTClassifier(model, 2, Optimization(lr=1e-2, warmup_ratio=0.1), seed=0)
+    split = toy_split(40)
     split = split.map(lambda e: {"input_ids": [i % 1000 for i in e["input_ids"]]})
     trainer = L.Trainer(
         default_root_dir=root, max_epochs=2, accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
@@ -287,95 +290,78 @@ def test_two_process_ddp_on_cpu(tmp_path):
     assert res.returncode == 0, res.stderr[-3000:]
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert KEYS <= set(metrics) and metrics["world_size"] == 2 and 0 <= metrics["test_accuracy"] <= 1
-    assert 0 < metrics["sparsity"] < 1 and (run_dir / "adapter.safetensors").is_file()
+    assert 0 < metrics["test_sparsity"] < 1 and (run_dir / "adapter.safetensors").is_file()
     # the figures cover the whole test set, not rank 0's share: the saved classifier, evaluated in one
     # process on the same 200 sentences, gives the same accuracy and sparsity
-    model, _ = load_classifier(run_dir)
+    model, _ = load_run(run_dir)
     dm = TaskDataModule("subj", seed=0, max_train_samples=320, max_eval_samples=200)
     dm.setup()
     right, n = 0, 0
-    ad.reset_sparsity(model)
+    meter = ad.SparsityMeter(model)
     with torch.no_grad():
         for batch in dm.test_dataloader():
-            logits = last_token_logits(model, batch["input_ids"], batch["lengths"], batch["mask"])
+            with meter.recording(batch["mask"]):
+                logits = last_token_logits(model, batch["input_ids"], batch["lengths"])
             right += int((logits.argmax(-1) == batch["labels"]).sum())
             n += len(batch["labels"])
     assert n == 200 and right / n == pytest.approx(metrics["test_accuracy"], abs=1e-6)
-    assert ad.sparsity(model)["mean"] == pytest.approx(metrics["sparsity"], abs=1e-6)
+    assert meter.result()["mean"] == pytest.approx(metrics["test_sparsity"], abs=1e-6)
 
 
 def test_bad_cli_input_is_explained(capsys, tmp_path):
-    with pytest.raises(SystemExit):
-        main(["--task", "imdb", "--adapter", "lora"])
+    assert main(["--task", "imdb", "--adapter", "lora"]) == 2
     err = capsys.readouterr().err
     assert "imdb" in err and "subj" in err and "sst5" in err
-    with pytest.raises(SystemExit):
-        main(["--task", "subj", "--adapter", "dora"])
+    assert main(["--task", "subj", "--adapter", "dora"]) == 2
     err = capsys.readouterr().err
     assert "none" in err and "spikelora" in err
-    with pytest.raises(SystemExit, match="no .*last.ckpt to continue"):
-        main([*QUICK, "--adapter", "lora", "--output-dir", str(tmp_path / "x"), "--resume"])
-    status = main(
-        [
-            "--task",
-            "subj",
-            "--adapter",
-            "lora",
-            "--base",
-            str(tmp_path / "none.pth"),
-            "--output-dir",
-            str(tmp_path / "y"),
-        ]
-    )
+    assert main([*QUICK, "--adapter", "lora", "--output-dir", str(tmp_path / "x"), "--resume", "true"]) == 2
+    assert "last.ckpt to continue" in capsys.readouterr().err
+    status = main(["--task", "subj", "--adapter", "lora", "--base", str(tmp_path / "none.pth"), "--output-dir",
+                   str(tmp_path / "y")])  # fmt: skip
     err = capsys.readouterr().err
-    assert status == 2 and "ridger/SpikeGPT-OpenWebText-216M" in err and "none.pth" in err
+    assert status == 2 and "none.pth" in err and "ridger/SpikeGPT-OpenWebText-216M" in err and "Traceback" not in err
+    assert not (tmp_path / "y").exists()
 
 
 def _official_like(path: Path, seed: int) -> Path:
-    from tests.conftest import tiny_model
+    from helpers import tiny_model
 
     torch.save(tiny_model(vocab=50277, n_embd=16, n_layer=1, seed=seed).state_dict(), path)
     return path
 
 
-def test_load_classifier_checks_kind_and_base(tmp_path):
+def test_load_run_checks_kind_and_base(tmp_path):
+    from dataclasses import asdict
+
+    from spikegpt_ft.runs import RunConfig, export_run
+
     base = _official_like(tmp_path / "base.pth", 0)
     other = _official_like(tmp_path / "other.pth", 1)
-    model, info = build_classifier(base, 2, "lora", None, {"r": 4})
+    model, info = classifier("lora", rank=4, base=str(base), preset=None)
     with torch.no_grad():
         for m in ad.adapter_modules(model).values():
             m.lora_B.normal_()
-    cfg = {"task": "sst2", "labels": ["negative", "positive"], "adapter": "lora", **info, "max_length": None}
+    cfg = RunConfig(
+        task="sst2", labels=["negative", "positive"], adapter="lora", base=info.base, base_path=info.base_path,
+        base_fingerprint=info.fingerprint, model_config=asdict(model.config), tokenizer="x", seed=0,
+        weights=["adapter.safetensors"],
+    )  # fmt: skip
     run = tmp_path / "run"
     export_run(model, run, cfg)
     assert (run / "adapter.safetensors").is_file() and not (run / "model.safetensors").exists()
-    loaded, meta = load_classifier(run)  # the recorded base path
+    loaded, meta = load_run(run)  # the recorded base path
     ids = torch.tensor([[5, 6, 7]])
     torch.testing.assert_close(loaded(ids), model.eval()(ids))
-    assert meta["labels"] == ["negative", "positive"]
-    loaded, _ = load_classifier(run / "adapter.safetensors", base=base)
+    assert meta.labels == ["negative", "positive"]
+    loaded, _ = load_run(run / "adapter.safetensors", base=base)
     with pytest.raises(ValueError, match="not the base these adapters were trained on"):
-        load_classifier(run, base=other)
+        load_run(run, base=other)
     (tmp_path / "x.ckpt").write_bytes(b"0")
     with pytest.raises(ValueError, match="Lightning training checkpoint"):
-        load_classifier(tmp_path / "x.ckpt")
+        load_run(tmp_path / "x.ckpt")
     with pytest.raises(FileNotFoundError, match="not a spikegpt-ft run directory"):
-        load_classifier(tmp_path)
+        load_run(tmp_path)
     os.remove(base)
-    with pytest.raises(FileNotFoundError, match="ridger/SpikeGPT-OpenWebText-216M"):
-        load_classifier(run)
-
-
-@pytest.mark.parametrize("task", ["subj", "mr", "sst2", "sst5"])
-@pytest.mark.parametrize("adapter", ["none", "lora", "spikelora"])
-def test_task_configs_hold_the_papers_settings(task, adapter):
-    """Each configs/<task>-<adapter>.yaml is picked up by the real parser and holds the paper's settings."""
-    from spikegpt_ft.train_cli import parse_args
-
-    assert (REPO / "configs" / f"{task}-{adapter}.yaml").is_file()
-    ns = parse_args(["--task", task, "--adapter", adapter])
-    assert (ns.task, ns.adapter) == (task, adapter)
-    assert (ns.warmup_ratio, ns.grad_clip, ns.weight_decay) == (0.06, 1.0, 0.01)
-    assert (ns.rank, ns.alpha, ns.rslora, ns.lora_dropout, ns.v_threshold) == (8, None, True, 0.0, 0.1)
-    assert Path(ns.base) == REPO / "checkpoints" / "SpikeGPT-216M.pth"
-    assert parse_args(["--task", task, "--adapter", adapter, "--lr", "0.123"]).lr == 0.123  # flags win
+    with pytest.raises(FileNotFoundError, match="pass that base with --base"):
+        load_run(run)

@@ -12,8 +12,8 @@ import pytest
 import torch
 from torch.utils.cpp_extension import include_paths
 
-from spikegpt_ft.extension import CUDA_SOURCES, KERNEL_DIR
-from spikegpt_ft.wkv import fresh_state, wkv
+from spikegpt_ft.ops.extension import CUDA_SOURCES, KERNEL_DIR
+from spikegpt_ft.ops.wkv import fresh_state, wkv
 
 
 def direct_wkv(time_decay, time_first, k, v, state=None):
@@ -150,7 +150,11 @@ def test_gate_stays_finite_at_extreme_receptance():
     y, _ = wkv(td, tf, k, v, fresh_state(1, 4))
     out.sum().backward()
     assert torch.isfinite(out).all() and torch.isfinite(r.grad).all()
-    assert torch.equal(out[..., 0], torch.zeros(1, 8)) and torch.equal(out[..., 3], y[..., 3])
+    assert torch.equal(out[..., 0], torch.zeros(1, 8))
+    # sigmoid(1e4) is 1 in float32, so out = y; but the gated and ungated kernels are separate compiled
+    # instantiations, which the compiler may contract into fused multiply-adds differently (seen on AVX2):
+    # their y agree to one float32 ulp, not bitwise
+    assert torch.all((out[..., 3] - y[..., 3]).abs() <= torch.finfo(torch.float32).eps * y[..., 3].abs())
     assert (out - torch.sigmoid(r) * y).abs().max() <= 1e-6 * y.abs().max()
 
 
@@ -217,16 +221,33 @@ def test_cuda_sources_compile(tmp_path):
     with nvcc alone, the bindings WITH_CUDA against the installed torch headers."""
     for source in CUDA_SOURCES:
         kernels = subprocess.run(
-            ["nvcc", "-c", "-O3", "-std=c++17", "-arch=sm_80", str(KERNEL_DIR / source),
-             "-o", str(tmp_path / f"{source}.o")],
-            capture_output=True, text=True,
+            [
+                "nvcc",
+                "-c",
+                "-O3",
+                "-std=c++17",
+                "-arch=sm_80",
+                str(KERNEL_DIR / source),
+                "-o",
+                str(tmp_path / f"{source}.o"),
+            ],
+            capture_output=True,
+            text=True,
         )
         assert kernels.returncode == 0, f"{source}: {kernels.stderr}"
     includes = [f"-I{p}" for p in [*include_paths(), _cuda_include()]]
     bindings = subprocess.run(
-        ["g++", "-fsyntax-only", "-std=c++17", "-DWITH_CUDA", "-DTORCH_EXTENSION_NAME=wkv_check",
-         *includes, f"-I{sysconfig.get_paths()['include']}",
-         str(KERNEL_DIR / "ops.cpp")],
-        capture_output=True, text=True,
+        [
+            "g++",
+            "-fsyntax-only",
+            "-std=c++17",
+            "-DWITH_CUDA",
+            "-DTORCH_EXTENSION_NAME=wkv_check",
+            *includes,
+            f"-I{sysconfig.get_paths()['include']}",
+            str(KERNEL_DIR / "ops.cpp"),
+        ],
+        capture_output=True,
+        text=True,
     )
     assert bindings.returncode == 0, bindings.stderr

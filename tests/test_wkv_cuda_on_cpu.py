@@ -14,8 +14,8 @@ import pytest
 import torch
 from torch.utils.cpp_extension import load
 
-from spikegpt_ft.extension import KERNEL_DIR, extension
-from spikegpt_ft.wkv import fresh_state
+from spikegpt_ft.ops.extension import KERNEL_DIR, extension
+from spikegpt_ft.ops.wkv import fresh_state
 
 #: float32 against the float64 reference, relative to the largest value: the kernels and the reference add
 #: the same terms in a different order, over at most a few hundred tokens.

@@ -1,0 +1,178 @@
+"""Fast recurrent decoding: one ``model.step`` per token, replayed as a CUDA graph.
+
+At batch 1 a SpikeGPT step is a few thousand small kernels (LayerNorms, token shifts, WKV, the
+SpikingJelly LIFs, the adapters), so on a GPU the host's time to launch them, not the GPU's time to run
+them, sets the speed. :class:`GraphedStepper` keeps the token input, the logits and the whole
+:class:`~spikegpt_ft.state.RecurrentState` in fixed buffers and advances them in place; on CUDA that
+in-place step is captured once as a ``torch.cuda.CUDAGraph`` and each token is one graph launch.
+
+The same in-place function runs eagerly on the CPU (or with ``use_graph=False``), so its buffer logic
+is what the CPU tests check; on CUDA the graph replays exactly those kernels.
+
+Written by hand rather than with ``torch.cuda.make_graphed_callables`` (which graphs autograd-aware
+callables over their explicit tensor inputs, not a state that is updated in place) or ``torch.compile``
+(whose ``reduce-overhead`` mode would have to trace SpikingJelly's dispatch and the WKV extension).
+
+What a graph captures is fixed at capture time: the model's modules and the memory of its weights.
+
+- Weights changed **in place** (``param.data.copy_``, ``load_adapters``, ``merge_adapters``, an optimiser
+  step) are seen by the next step: the graph reads the same memory.
+- Parameters or modules **reassigned** after capture (``model.reset_head``, ``attach_adapters``,
+  ``model.to(...)``, ``load_state_dict(..., assign=True)``) are not: the graph keeps reading the old
+  tensors. Build a new stepper after such a change.
+- The stepper runs the model in eval mode under ``torch.no_grad`` and counts every token in the adapters'
+  sparsity counters (their token mask is set to ``None`` at construction); those counters are on-device
+  buffers and keep counting during replay.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Sequence
+
+import torch
+
+from ..adapters import sparsity
+from ..model import RecurrentState, SpikeGPT, check_token_ids
+
+#: Eager steps run on a side stream before capture (PyTorch's CUDA-graph recipe; lets lazy
+#: initialisation such as cuBLAS handles, Triton compilation and kernel selection happen outside the graph).
+WARMUP_STEPS = 3
+
+
+class GraphedStepper:
+    """Token-by-token decoding of ``batch_size`` sequences with the state held in fixed buffers.
+
+    ``step(tokens)`` feeds one token per sequence and returns the logits ``[B, head_out]``; the state
+    advances in place. ``use_graph=None`` captures a CUDA graph when the model is on a CUDA device and
+    runs eagerly otherwise; ``True`` requires CUDA, ``False`` always runs eagerly. Both run the same
+    function: ``model.step(tokens, state, check_ids=False)`` followed by copying the next state and the
+    logits into the buffers. The model must be in eval mode; see the module docstring for what a graph
+    sees of later changes to the model.
+    """
+
+    def __init__(self, model: SpikeGPT, batch_size: int, use_graph: bool | None = None):
+        if model.training:
+            raise ValueError("GraphedStepper needs the model in eval mode: call model.eval() first")
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
+        self.model = model
+        self.batch_size = batch_size
+        self.device = model.emb.weight.device
+        if use_graph and self.device.type != "cuda":
+            raise ValueError(f"a CUDA graph needs the model on a CUDA device; it is on {self.device}")
+        self.uses_graph = self.device.type == "cuda" if use_graph is None else bool(use_graph)
+        self._graph: torch.cuda.CUDAGraph | None = None
+        # Buffers are ordinary tensors even when built inside ``torch.inference_mode``, so that the
+        # in-place updates of ``step`` are allowed wherever it is called.
+        # the probe and warm-up steps are not the caller's tokens: no sparsity recording counts them
+        with torch.inference_mode(False), torch.no_grad(), self._on_device(), sparsity.suspended():
+            self._tokens = torch.zeros(batch_size, dtype=torch.long, device=self.device)
+            fresh = model.init_state(batch_size)
+            # A fresh state's membranes are None (0); a probe step gives their shapes and the logits' dtype.
+            logits, probe = model.step(self._tokens, fresh, check_ids=False)
+            self._logits = torch.zeros_like(logits)
+            self._state = RecurrentState(
+                att_shift=torch.zeros_like(fresh.att_shift),
+                ffn_shift=torch.zeros_like(fresh.ffn_shift),
+                wkv=torch.zeros_like(fresh.wkv),
+                membranes={name: torch.zeros_like(v) for name, v in probe.membranes.items()},
+                signature=fresh.signature,
+            )
+            if self.uses_graph:
+                self._capture()
+            _copy_state(self._state, fresh)
+
+    def _on_device(self):
+        return torch.cuda.device(self.device) if self.device.type == "cuda" else contextlib.nullcontext()
+
+    def _advance(self) -> None:
+        """The step that is captured: the model on the token buffer, results copied into the buffers."""
+        logits, next_state = self.model.step(self._tokens, self._state, check_ids=False)
+        self._logits.copy_(logits)
+        _copy_state(self._state, next_state)
+
+    def _capture(self) -> None:
+        current = torch.cuda.current_stream(self.device)
+        side = torch.cuda.Stream(self.device)
+        side.wait_stream(current)
+        with torch.cuda.stream(side):
+            for _ in range(WARMUP_STEPS):
+                self._advance()
+        current.wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):  # captures on its own side stream; nothing runs until replay
+            self._advance()
+        self._graph = graph
+
+    def step(self, tokens: torch.Tensor | Sequence[int], *, check_ids: bool = True) -> torch.Tensor:
+        """Feed one token per sequence (``tokens`` ``[B]``) and return the logits ``[B, head_out]``.
+
+        The result is the stepper's own logits buffer, not a copy: the next ``step`` overwrites it, so
+        ``clone()`` it to keep it. Token ids are range-checked before anything runs (a bad id is a
+        ``ValueError`` and leaves the state as it was); for ids on the CPU that costs nothing, for ids
+        already on the GPU it is one host-device sync, which ``check_ids=False`` skips for ids known
+        to be in range (an out-of-range id then reads outside the embedding on the device).
+        """
+        if self.model.training:
+            raise ValueError("the model was put in training mode; call model.eval() before stepping")
+        if not isinstance(tokens, torch.Tensor):
+            tokens = torch.tensor(list(tokens))
+        if tokens.shape != (self.batch_size,):
+            raise ValueError(
+                f"this stepper decodes {self.batch_size} sequences: tokens must have shape [{self.batch_size}], "
+                f"got {tuple(tokens.shape)}"
+            )
+        if tokens.dtype not in (torch.int64, torch.int32):
+            raise ValueError(f"token ids must be integers (int64), got {tokens.dtype}")
+        if check_ids:
+            check_token_ids(tokens, self.model.config.vocab_size)
+        with torch.no_grad(), self._on_device():
+            self._tokens.copy_(tokens)
+            if self._graph is None:
+                self._advance()
+            else:
+                self._graph.replay()
+        return self._logits
+
+    def reset(self) -> None:
+        """Go back to the state before any token (every sequence starts afresh)."""
+        self.load_state(self.model.init_state(self.batch_size))
+
+    def load_state(self, state: RecurrentState) -> None:
+        """Continue from ``state`` (e.g. the state after ``model.prefill`` of a prompt); it is copied in."""
+        if not isinstance(state, RecurrentState):
+            raise ValueError(f"state must be a RecurrentState, got {type(state).__name__}")
+        if state.signature != self._state.signature:
+            raise ValueError(
+                "this state belongs to another model (layers, width or spiking neurons differ): "
+                f"state {state.signature[:2]} vs stepper {self._state.signature[:2]}"
+            )
+        if state.batch_size != self.batch_size:
+            raise ValueError(f"state holds {state.batch_size} sequences but this stepper decodes {self.batch_size}")
+        with torch.no_grad(), self._on_device():
+            _copy_state(self._state, state)
+
+    def state(self) -> RecurrentState:
+        """A copy of the current state (membranes as tensors, zeros before the first token)."""
+        s = self._state
+        return RecurrentState(
+            att_shift=s.att_shift.clone(),
+            ffn_shift=s.ffn_shift.clone(),
+            wkv=s.wkv.clone(),
+            membranes={name: v.clone() for name, v in s.membranes.items()},
+            signature=s.signature,
+        )
+
+
+def _copy_state(dst: RecurrentState, src: RecurrentState) -> None:
+    """Copy ``src`` into the buffers of ``dst`` in place; a ``None`` membrane (never fired) is zeros."""
+    dst.att_shift.copy_(src.att_shift)
+    dst.ffn_shift.copy_(src.ffn_shift)
+    dst.wkv.copy_(src.wkv)
+    for name, buffer in dst.membranes.items():
+        membrane = src.membranes[name]
+        if membrane is None:
+            buffer.zero_()
+        else:
+            buffer.copy_(membrane)

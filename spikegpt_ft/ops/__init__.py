@@ -1,0 +1,26 @@
+"""The operators under SpikeGPT, each a compiled kernel behind an autograd Function and one public call.
+
+- :func:`wkv` (``wkv.py``): the time mix's WKV recurrence with an explicit state in and out, on the CPU and
+  in CUDA (``csrc/wkv_*``); :func:`fresh_state` makes the state before any token.
+- :class:`CompiledLIFNode` (``lif.py``): SpikingJelly's multi-step LIF neuron with a compiled CPU path
+  giving bitwise SpikingJelly's spikes, membranes and gradients (``csrc/lif_cpu.cpp``).
+- :class:`Linear` and :class:`Int8Linear` (``linear.py``): linear layers whose small products on the CPU
+  (decoding) run compiled kernels (``csrc/linear_cpu.cpp``).
+- ``extension.py`` builds the one extension that holds them (ninja, at first use, cached).
+"""
+
+from .extension import extension, needs_autograd
+from .lif import CompiledLIFNode
+from .linear import Int8Linear, Linear
+from .wkv import FRESH_EXPONENT, fresh_state, wkv
+
+__all__ = [
+    "FRESH_EXPONENT",
+    "CompiledLIFNode",
+    "Int8Linear",
+    "Linear",
+    "extension",
+    "fresh_state",
+    "needs_autograd",
+    "wkv",
+]
