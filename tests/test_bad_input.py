@@ -204,3 +204,10 @@ def test_evaluate_uses_the_training_split_and_refuses_a_changed_one(capsys, tmp_
     with (data / "subj.subjective").open("a", encoding="latin-1") as f:
         f.write("one more subjective sentence , added after training .\n")
     check(capsys, infer_main, ["--checkpoint", str(run), "--evaluate"], run, "differs from the one it was trained")
+
+
+def test_the_cost_of_recurrent_mode_on_long_texts_is_stated(capsys):
+    """A 20k-token text takes minutes token by token on a CPU and seconds in parallel: --help says so."""
+    assert infer_main(["--help"]) == 0
+    out = " ".join(capsys.readouterr().out.split())
+    assert "grows with every token" in out and "parallel: the same answer" in out

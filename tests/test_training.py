@@ -225,6 +225,10 @@ def test_resume_continues_exactly(runs, tmp_path):
         for key in ("train_loss", "val_loss", "val_accuracy", "lr"):
             assert a[key] == pytest.approx(b[key], rel=0, abs=1e-6), (key, a, b)
     assert resumed["test_accuracy"] == pytest.approx(reference["test_accuracy"], abs=1e-6)
+    # honest times: the resumed process says it resumed; the training time spans every epoch, not only its own
+    assert resumed["resumed"] is True and reference["resumed"] is False
+    assert resumed["train_time_s"] == pytest.approx(sum(e["epoch_time_s"] for e in resumed["epochs"]))
+    assert len(resumed["epochs"]) == 3 and all(e["epoch_time_s"] > 0 for e in resumed["epochs"])
 
 
 class _Interrupt(Exception):

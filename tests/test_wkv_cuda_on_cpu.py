@@ -1,8 +1,8 @@
 """The CUDA WKV kernels' own source, run on the CPU (tests/cuda_emulation/), against the CPU kernels.
 
 Where no GPU is, this is what checks the GPU kernels' indexing, chunking and barrier: the kernels of
-``cuda_ext/wkv_cuda_kernels.cuh`` are compiled for the CPU with each block's threads as CPU threads, launched
-with the geometry the GPU launchers use, and compared with the CPU kernels' single sweep in float64.
+``spikegpt_ft/ops/csrc/wkv_cuda_kernels.cuh`` are compiled for the CPU with each block's threads as CPU
+threads, launched with the geometry the GPU launchers use, and compared with the CPU kernels' single sweep in float64.
 """
 
 from __future__ import annotations

@@ -69,7 +69,13 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--text", action="append", help="a text to classify (repeatable)")
     src.add_argument("--file", help="a file with one text per line")
     src.add_argument("--encoding", default="utf-8", help="encoding of --file / stdin lines (default utf-8)")
-    p.add_argument("--mode", choices=inference.MODES, default="recurrent", help="default: recurrent")
+    p.add_argument(
+        "--mode",
+        choices=inference.MODES,
+        default="recurrent",
+        help="recurrent (default): one model.step per token, the deployment view, whose cost grows with every "
+        "token of a text (a 20k-token text takes minutes on a CPU); parallel: the same answer, in chunks",
+    )
     p.add_argument("--stream", action="store_true", help="print the running prediction after every token")
     p.add_argument("--json", action="store_true", help="one JSON object per text (or per token with --stream)")
     p.add_argument("--batch_size", type=_positive_int, default=inference.DEFAULT_BATCH, help="texts together")
