@@ -73,11 +73,13 @@ def test_training_step_never_syncs_with_the_host(adapter):
     """A bf16-autocast training step (forward, loss, the running train loss, backward) on CUDA with sync
     debugging set to "error": a host-device sync made by a PyTorch call (ours, SpikingJelly's, torchmetrics')
     raises. (The kernels' own CUDA calls are not seen by it; they make no sync.)"""
-    from spikegpt_ft.training import SpikeGPTClassifier, build_classifier
+    from spikegpt_ft.adapters import AdapterConfig
+    from spikegpt_ft.training import SpikeGPTClassifier, build_base, build_classifier
 
     torch.manual_seed(0)
-    model, _ = build_classifier("scratch", 2, adapter, "configs/model/tiny.yaml")
-    module = SpikeGPTClassifier(model, 2, adapter).cuda()  # the metrics too, as Lightning does
+    base, _ = build_base("scratch", "tiny")
+    model = build_classifier(base, 2, None if adapter == "none" else AdapterConfig(kind=adapter))
+    module = SpikeGPTClassifier(model, 2).cuda()  # the metrics too, as Lightning does
     module.log = lambda *a, **k: None  # no trainer attached
     batch = {"input_ids": torch.randint(0, model.config.vocab_size, (4, 32)), "lengths": torch.tensor([32, 20, 9, 1]),
              "labels": torch.tensor([0, 1, 1, 0])}  # fmt: skip

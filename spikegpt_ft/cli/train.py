@@ -143,5 +143,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     try:
         return run_guarded(PROG, body)
-    except SystemExit as exit_:  # argparse's usage errors exit 2 already; keep any other code as it is
-        return USAGE_ERROR if exit_.code not in (0, None) and not isinstance(exit_.code, int) else (exit_.code or 0)
+    except SystemExit as exit_:  # argparse: 2 for a usage error, 0 after --help / --print_config
+        if exit_.code is None or isinstance(exit_.code, int):
+            return exit_.code or 0
+        return USAGE_ERROR

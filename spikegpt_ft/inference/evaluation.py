@@ -111,6 +111,7 @@ def perplexity(
     ``model.step``, from a fresh state per window, as the training windows were seen.
     """
     device = model.emb.weight.device
+    byte_lengths = byte_lengths.to(device)
     nats, tokens, spelled = 0.0, 0, 0
     with evaluating(model):
         for start in range(0, len(windows), batch_size):
@@ -131,7 +132,7 @@ def perplexity(
             )
             real = targets != IGNORE_INDEX
             tokens += int(real.sum())
-            spelled += int(byte_lengths.to(device)[targets.clamp(min=0)][real].sum())
+            spelled += int(byte_lengths[targets.clamp(min=0)][real].sum())
     loss = nats / tokens
     return Perplexity(mode, loss, math.exp(loss), nats / math.log(2) / spelled if spelled else math.nan, tokens)
 

@@ -91,7 +91,7 @@ class SpikeGPTClassifier(SpikeGPTModule):
 
     def training_step(self, batch, batch_idx):
         loss = F.cross_entropy(self(batch).float(), batch["labels"])
-        self.log_train_loss(loss, batch["labels"].numel())
+        self.log_train_loss(loss, batch["labels"].numel(), batch["labels"].numel())
         return loss
 
     def _evaluate(self, batch, split: str, measure_sparsity: bool) -> None:

@@ -7,7 +7,6 @@ This is the objective SpikeGPT was pretrained with; with it the project pretrain
 from __future__ import annotations
 
 import math
-import time
 
 import torch
 import torch.nn.functional as F
@@ -50,8 +49,7 @@ class SpikeGPTLanguageModel(SpikeGPTModule):
         self.register_buffer("byte_lengths", byte_lengths.to(torch.int64), persistent=False)
         self.register_buffer("totals", torch.zeros(3, dtype=torch.float64), persistent=False)  # nats, tokens, bytes
         self.test_results: dict = {}
-        self._train_tokens = 0
-        self._tokens_start = 0.0
+        self.register_buffer("train_tokens", torch.zeros((), dtype=torch.int64), persistent=False)
 
     def forward(self, batch) -> torch.Tensor:
         """Summed next-token loss (nats) of a batch and the number of its target tokens."""
@@ -65,14 +63,13 @@ class SpikeGPTLanguageModel(SpikeGPTModule):
     def training_step(self, batch, batch_idx):
         total, n = self(batch)
         loss = total / n.clamp(min=1)
-        n_tokens = int(batch["lengths"].sum())  # on the host: the lengths are never moved off it for this
-        self._train_tokens += n_tokens
-        self.log_train_loss(loss, n_tokens)
+        self.train_tokens += n  # on the device: read once per epoch, never per step (a host sync on a GPU)
+        self.log_train_loss(loss, n, batch["input_ids"].shape[0])
         return loss
 
     def on_train_epoch_start(self) -> None:
         super().on_train_epoch_start()
-        self._train_tokens = 0
+        self.train_tokens.zero_()
 
     # --- evaluation
     def _evaluate(self, batch) -> None:
@@ -109,7 +106,7 @@ class SpikeGPTLanguageModel(SpikeGPTModule):
             return
         row = self.epoch_row() | figures
         row["gen_gap"] = row["val_loss"] - row["train_loss"]
-        row["tokens_per_s"] = self._train_tokens / row["epoch_time_s"] if row["epoch_time_s"] else None
+        row["tokens_per_s"] = int(self.train_tokens) / row["epoch_time_s"] if row["epoch_time_s"] else None
         logs = {k: v for k, v in row.items() if k not in ("epoch", "lr") and v is not None}
         logs["train_loss_epoch"] = logs.pop("train_loss")
         sparsity = self.sparsity()
@@ -122,7 +119,6 @@ class SpikeGPTLanguageModel(SpikeGPTModule):
     def on_test_epoch_start(self) -> None:
         self.meter.reset()
         self.totals.zero_()
-        self._tokens_start = time.perf_counter()
 
     def test_step(self, batch, batch_idx):
         self._evaluate(batch)

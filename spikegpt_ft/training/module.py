@@ -98,10 +98,16 @@ class SpikeGPTModule(L.LightningModule):
     def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
         self._train_time = time.perf_counter() - self._epoch_start
 
-    def log_train_loss(self, loss: torch.Tensor, weight: int) -> None:
-        """Add a training batch's loss (weighted by ``weight``, its examples or tokens) to the epoch's mean."""
-        self.train_loss.update(loss.detach(), loss.new_full((), weight))  # a fill, not a host-to-device copy
-        self.log("train_loss", loss, on_step=True, on_epoch=False, prog_bar=True, batch_size=weight)
+    def log_train_loss(self, loss: torch.Tensor, weight: int | torch.Tensor, batch_size: int) -> None:
+        """Add a training batch's loss (weighted by ``weight``, its examples or tokens) to the epoch's mean.
+
+        ``weight`` may be a tensor on the loss's device (never read on the host); ``batch_size`` is the batch's
+        number of sequences, for Lightning's log.
+        """
+        if not isinstance(weight, torch.Tensor):
+            weight = loss.new_full((), weight)  # a fill, not a host-to-device copy
+        self.train_loss.update(loss.detach(), weight.to(loss.dtype))
+        self.log("train_loss", loss, on_step=True, on_epoch=False, prog_bar=True, batch_size=batch_size)
 
     def epoch_row(self) -> dict:
         """The start of this epoch's history row: epoch, training loss and time, learning rate."""

@@ -86,7 +86,7 @@ def check_checkpoint(path: Path) -> None:
 
 def check_spec(spec: TrainSpec) -> list[tuple[int, Path]]:
     """Check the options and every seed's run directory; returns ``(seed, run_dir)`` pairs. No side effects."""
-    run, trainer = spec.run, spec.trainer
+    run = spec.run
     if run.resume and run.overwrite:
         raise ValueError("--resume continues a run and --overwrite discards it: pass one of them")
     batch_size = spec.data.get("batch_size", 1)
@@ -116,8 +116,6 @@ def check_spec(spec: TrainSpec) -> list[tuple[int, Path]]:
                 f"{run_dir} already holds a run; pass --resume to continue it, --overwrite to start afresh there, "
                 "or another --output-dir"
             )
-    if trainer.epochs < 1:
-        raise ValueError(f"epochs must be >= 1, got {trainer.epochs}")
     return pairs
 
 
