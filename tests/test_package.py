@@ -18,13 +18,14 @@ from helpers import ROOT
 PACKAGE = ROOT / "spikegpt_ft"
 #: Each top-level part of the package and its layer: a part imports only parts of lower layers.
 LAYERS = {
-    "files": 0, "paths": 0, "system": 0, "ops": 0,
-    "model": 1,
-    "adapters": 2, "data": 2,
-    "runs": 3,
-    "training": 4, "inference": 4,
-    "tools": 5,
-    "cli": 6,
+    "files": 0, "paths": 0, "system": 0,
+    "ops": 1,
+    "model": 2,
+    "adapters": 3, "data": 3,
+    "runs": 4,
+    "training": 5, "inference": 5,
+    "tools": 6,
+    "cli": 7,
 }  # fmt: skip
 
 

@@ -11,6 +11,8 @@ from spikegpt_ft.adapters import AdapterLinear, attach_adapters
 from spikegpt_ft.inference import cast_weights, quantize_int8
 from spikegpt_ft.model import SpikeGPT, SpikeGPTConfig
 from spikegpt_ft.ops import Int8Linear, Linear
+from spikegpt_ft.ops import linear as linear_ops
+from spikegpt_ft.ops.linear import STREAM_MAX_ROWS
 
 #: Relative size of one rounding to bfloat16 (half an ulp: 8 significant bits).
 BF16_ROUNDING = 2.0**-8
@@ -63,11 +65,20 @@ def test_int8_layer_computes_x_times_its_dequantized_weight(shape, bias):
     assert torch.all(error <= 2 * BF16_ROUNDING * reference.abs() + 1e-3)
 
 
-def test_layers_of_unsupported_width_stay_as_they_are():
+def test_layers_of_every_width_are_quantised_and_compute_their_dequantized_product():
     model = nn.Sequential(nn.Linear(64, 8), nn.Linear(8, 40), nn.Linear(40, 3)).to(torch.bfloat16)
     names = quantize_int8(model)
-    assert names == ["0"]
-    assert isinstance(model[0], Int8Linear) and type(model[1]) is nn.Linear and type(model[2]) is nn.Linear
+    assert names == ["0", "1", "2"] and all(isinstance(m, Int8Linear) for m in model)
+    x = torch.randn(5, 64).to(torch.bfloat16)
+    with torch.no_grad():
+        out = model[2](model[1](x.new_ones(5, 8)))
+    reference = (
+        model[2].dequantized_weight().double()
+        @ (model[1].dequantized_weight().double().sum(1) + model[1].bias.double()).to(torch.bfloat16).double()
+        + model[2].bias.double()
+    )
+    assert out.shape == (5, 3)
+    assert torch.allclose(out[0].double(), reference, rtol=2 * BF16_ROUNDING, atol=1e-2)
 
 
 def _tiny_model() -> SpikeGPT:
@@ -77,6 +88,17 @@ def _tiny_model() -> SpikeGPT:
         for p in model.parameters():
             p.normal_(0, 0.3)
     return model.eval()
+
+
+def _parallel_and_stepped(model: SpikeGPT, ids: torch.Tensor):
+    """The parallel logits of ``ids`` [B, T], the same token by token, and the state after the last."""
+    with torch.inference_mode():
+        parallel = model(ids)
+        state, steps = model.init_state(ids.shape[0]), []
+        for t in range(ids.shape[1]):
+            logits, state = model.step(ids[:, t], state)
+            steps.append(logits)
+    return parallel, torch.stack(steps, 1), state
 
 
 @pytest.mark.parametrize("adapter", [None, "lora", "spikelora"])
@@ -96,22 +118,27 @@ def test_int8_model_runs_recurrently_with_exactly_its_parallel_outputs(adapter):
         assert adapters and all(isinstance(m.base, Int8Linear) for m in adapters)
         assert all(m.lora_A.dtype == torch.bfloat16 for m in adapters)
     ids = torch.randint(0, 300, (3, 30), generator=torch.Generator().manual_seed(1))
-    with torch.inference_mode():
-        parallel = model(ids)
-        state, steps = model.init_state(3), []
-        for t in range(ids.shape[1]):
-            logits, state = model.step(ids[:, t], state)
-            steps.append(logits)
+    parallel, stepped, state = _parallel_and_stepped(model, ids)
     assert state.wkv.dtype == torch.float32
-    assert torch.equal(torch.stack(steps, 1), parallel)
+    assert torch.equal(stepped, parallel)
 
 
-@pytest.mark.parametrize("rows", [1, 2])
+def test_bfloat16_model_runs_recurrently_with_exactly_its_parallel_outputs(monkeypatch):
+    """Where the streaming kernel multiplies every row count, a decoded token gets its parallel pass's bits."""
+    monkeypatch.setattr(linear_ops, "has_bf16_matrix_units", lambda: False)
+    model = cast_weights(_tiny_model(), "bfloat16")
+    ids = torch.randint(0, 300, (2, 25), generator=torch.Generator().manual_seed(3))
+    parallel, stepped, _ = _parallel_and_stepped(model, ids)
+    assert parallel.dtype == torch.bfloat16 and torch.equal(stepped, parallel)
+
+
+@pytest.mark.parametrize("rows", [1, 2, 3, 64])
 @pytest.mark.parametrize("n_in", [768, 64, 40, 5])
 @pytest.mark.parametrize("bias", [False, True])
-def test_decoding_linear_computes_in_float32_and_rounds_once(n_in, bias, rows):
-    """One or two bfloat16 rows through the compiled kernel: the float64 product of the bfloat16 values, up to
+def test_decoding_linear_computes_in_float32_and_rounds_once(n_in, bias, rows, monkeypatch):
+    """Bfloat16 rows through the compiled kernel: the float64 product of the bfloat16 values, up to
     float32 accumulation and one rounding to bfloat16 (widths that are and are not multiples of its 16 lanes)."""
+    monkeypatch.setattr(linear_ops, "has_bf16_matrix_units", lambda: False)  # the kernel for every row count
     layer = _fast(_linear(n_in, 300, bias=bias, seed=2).to(torch.bfloat16))
     x = torch.randn(rows, 1, n_in).to(torch.bfloat16)
     with torch.no_grad():  # the weights are parameters: with gradients on, nn.Linear's path would run
@@ -125,14 +152,19 @@ def test_decoding_linear_computes_in_float32_and_rounds_once(n_in, bias, rows):
     assert torch.all(error <= BF16_ROUNDING * reference.abs() + 2 * accumulation)
 
 
-def test_decoding_linear_is_nn_linear_for_more_rows_other_dtypes_and_gradients():
+def test_decoding_linear_is_nn_linear_for_other_dtypes_and_gradients(monkeypatch):
     plain = _linear(64, 40, bias=True, seed=3).to(torch.bfloat16)
     layer = _fast(plain)
-    rows = torch.randn(3, 64).to(torch.bfloat16)
+    rows = torch.randn(5, 64).to(torch.bfloat16)
     row = rows[:1].clone().requires_grad_()
     with torch.no_grad():
-        assert not layer.uses_kernel(rows) and torch.equal(layer(rows), plain(rows))
         assert not layer.uses_kernel(rows[:1].float())
+        # where the CPU has bfloat16 matrix units, oneDNN multiplies more than STREAM_MAX_ROWS rows
+        monkeypatch.setattr(linear_ops, "has_bf16_matrix_units", lambda: True)
+        assert layer.uses_kernel(rows[:STREAM_MAX_ROWS]) and not layer.uses_kernel(rows)
+        assert torch.equal(layer(rows), plain(rows))
+        monkeypatch.setattr(linear_ops, "has_bf16_matrix_units", lambda: False)
+        assert layer.uses_kernel(rows)
     assert not layer.uses_kernel(row)  # a gradient is needed: nn.Linear's autograd path
     out = layer(row)
     out.sum().backward()

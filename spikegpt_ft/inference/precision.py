@@ -2,7 +2,7 @@
 
 Decoding reads every weight once per token, so on a CPU it runs at the speed of memory: halving the bytes
 of the weights halves the time of a step. In bfloat16 the model's :class:`~spikegpt_ft.ops.Linear` layers
-take their compiled one- or two-row product by themselves; ``int8`` swaps them for
+take the compiled product by themselves (:func:`~spikegpt_ft.ops.linear.product_kernel`); ``int8`` swaps them for
 :class:`~spikegpt_ft.ops.Int8Linear` (activations stay bfloat16, the recurrent state float32).
 
 The spiking nonlinearities are thresholds, so a small change of a weight can flip a spike: measure the
@@ -17,7 +17,6 @@ from torch import nn
 
 from ..adapters import replace_module
 from ..ops import Int8Linear
-from ..ops.linear import INT8_WIDTH_MULTIPLE
 
 #: The weight precisions :func:`cast_weights` accepts.
 WEIGHT_PRECISIONS = ("float32", "bfloat16", "int8")
@@ -27,16 +26,12 @@ def quantize_int8(model: nn.Module) -> list[str]:
     """Replace, in place, every ``nn.Linear`` of ``model`` by an ``Int8Linear``; returns their names.
 
     In an adapter only the frozen base layer is an ``nn.Linear``; its LoRA matrices stay as they are.
-    Layers whose input width is not a multiple of 16 stay as they are. The model must be on the CPU.
+    The model must be on the CPU.
     """
     devices = {p.device.type for p in model.parameters()}
     if devices != {"cpu"}:
         raise ValueError(f"int8 weights are a CPU decoding option; the model is on {sorted(devices)}")
-    names = [
-        name
-        for name, m in model.named_modules()
-        if isinstance(m, nn.Linear) and m.in_features % INT8_WIDTH_MULTIPLE == 0
-    ]
+    names = [name for name, m in model.named_modules() if isinstance(m, nn.Linear)]
     for name in names:
         replace_module(model, name, Int8Linear(model.get_submodule(name)))
     return names

@@ -1,31 +1,60 @@
-"""Linear layers with compiled CPU products for decoding: bfloat16 for a few rows, and int8 weights.
+"""Linear layers with compiled CPU products for inference: bfloat16 weights, and int8 weights.
 
 Decoding one sequence at a time reads every weight once per token, so on a CPU it runs at the speed of
-memory. :class:`Linear` is the ``nn.Linear`` every SpikeGPT layer is built from: whenever it runs on the
-CPU in bfloat16 for one or two rows without gradients, its product is a compiled kernel that reads the
-weights about twice as fast as PyTorch's (``csrc/linear_cpu.cpp``); everything else is ``nn.Linear``'s own.
-So a model put in bfloat16 by any means (``model.to(torch.bfloat16)``, ``load_model(..., dtype=...)``)
-decodes on the fast path.
+memory. :class:`Linear` is the ``nn.Linear`` every SpikeGPT layer is built from; when it runs on the CPU in
+bfloat16 without gradients its product is chosen by what the CPU can do (:func:`product_kernel`):
+
+- ``stream``: the compiled streaming kernel (``csrc/linear_cpu.cpp``; AVX2+FMA where the CPU has them, else
+  portable C++). It reads each weight once and multiplies it with up to four rows of x from registers, block
+  by block for more rows, so one decoded row gets bit for bit the value it gets in a parallel pass. It runs
+  for any number of rows on CPUs without bfloat16 matrix arithmetic, where PyTorch's bfloat16 product is
+  emulated (a quarter of the float32 rate, BENCHMARKS.md), and for up to :data:`STREAM_MAX_ROWS` rows on
+  the others;
+- ``torch``: ``nn.Linear``'s own product, everywhere else: gradients, other dtypes or devices, and on CPUs
+  with AVX512-BF16 or AMX-BF16 for more rows (oneDNN runs them on those units).
 
 :class:`Int8Linear` stores a weight as int8 with one scale per output channel (symmetric, ``W ~ s * W8``
-with ``s = max|W_row| / 127`` rounded up to bfloat16) and multiplies with PyTorch's own weight-only int8
-kernel (``aten._weight_int8pack_mm``, the one torchao uses on the CPU): half the bytes of bfloat16.
-``torch.ao.quantization.quantize_dynamic`` also quantises activations, is deprecated, and measured slower
-here, so it is not used. :mod:`spikegpt_ft.inference.precision` converts whole models.
+with ``s = max|W_row| / 127`` rounded up to bfloat16) and always multiplies with the streaming kernel: half
+the bytes of bfloat16, any width. ``torch.ao.quantization.quantize_dynamic`` also quantises activations,
+and PyTorch's weight-only int8 kernel (``aten._weight_int8pack_mm``) needs widths that are multiples of 16
+and ran at a quarter of the memory's speed here, so neither is used. :mod:`spikegpt_ft.inference.precision`
+converts whole models.
 """
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import nn
 
+from ..system import cpu_flags
 from .extension import extension, needs_autograd
 
-#: ``_weight_int8pack_mm`` needs the input width to be a multiple of this (other widths give wrong
-#: results rather than an error, so such layers are left in bfloat16).
-INT8_WIDTH_MULTIPLE = 16
-#: Rows up to which :class:`Linear` runs the compiled kernel (from 3 rows on PyTorch's is as fast).
-DECODING_MAX_ROWS = 2
+#: Rows up to which the streaming kernel runs even where the CPU has bfloat16 matrix units (there it is as
+#: fast as memory and oneDNN's product is not; from here on oneDNN's is faster).
+STREAM_MAX_ROWS = 4
+#: CPU flags of bfloat16 matrix arithmetic that oneDNN uses.
+BF16_MATRIX_FLAGS = frozenset({"avx512_bf16", "amx_bf16"})
+
+
+@functools.cache
+def has_bf16_matrix_units() -> bool:
+    """Whether this CPU multiplies bfloat16 matrices natively (AVX512-BF16 or AMX-BF16)."""
+    return bool(cpu_flags() & BF16_MATRIX_FLAGS)
+
+
+@functools.cache
+def stream_kernel() -> str:
+    """The streaming kernel this CPU runs: ``avx2`` (AVX2 and FMA) or ``portable``."""
+    return extension().linear_kernels()[0]
+
+
+def product_kernel(rows: int, weight_dtype: torch.dtype) -> str:
+    """The product a CPU inference layer uses for ``rows`` rows: ``stream-avx2``, ``stream-portable`` or ``torch``."""
+    if weight_dtype == torch.bfloat16 and rows > STREAM_MAX_ROWS and has_bf16_matrix_units():
+        return "torch"
+    return f"stream-{stream_kernel()}"
 
 
 def _bfloat16_at_least(x: torch.Tensor) -> torch.Tensor:
@@ -55,10 +84,8 @@ class Int8Linear(nn.Module):
         return self.weight_int8.float() * self.scale.float()[:, None]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        rows = x.reshape(-1, self.in_features).to(torch.bfloat16).contiguous()
-        out = torch.ops.aten._weight_int8pack_mm(rows, self.weight_int8, self.scale)
-        if self.bias is not None:
-            out = out + self.bias
+        rows = x.reshape(-1, self.in_features).to(torch.bfloat16)
+        out = extension().stream_linear(rows, self.weight_int8, self.scale, self.bias, "auto")
         return out.view(*x.shape[:-1], self.out_features).to(x.dtype)
 
     def extra_repr(self) -> str:
@@ -66,28 +93,27 @@ class Int8Linear(nn.Module):
 
 
 class Linear(nn.Linear):
-    """SpikeGPT's linear layer: ``nn.Linear``, whose bfloat16 product for one or two rows on the CPU runs the kernel.
+    """SpikeGPT's linear layer: ``nn.Linear``, whose bfloat16 CPU inference product is :func:`product_kernel`'s.
 
-    Decoding one sequence multiplies one row by each weight matrix; PyTorch's CPU kernel for that reads the
-    weights at well under the memory's speed, the compiled one about twice as fast. Every other call (more
-    rows, other dtypes or devices, gradients needed) is ``nn.Linear``'s own. The result differs from
-    ``nn.Linear``'s only in the order of the float32 additions before the rounding to bfloat16.
+    The result differs from ``nn.Linear``'s only in the order of the float32 additions before the rounding
+    to bfloat16.
     """
 
     def uses_kernel(self, x: torch.Tensor) -> bool:
-        """Whether ``self(x)`` runs the compiled kernel (at most two bfloat16 rows on the CPU, no gradient)."""
+        """Whether ``self(x)`` runs the streaming kernel (bfloat16 on the CPU, no gradient, the CPU's choice)."""
         params = (self.weight,) if self.bias is None else (self.weight, self.bias)
         return (
             x.device.type == "cpu"
             and x.dtype == torch.bfloat16
             and self.weight.device.type == "cpu"
             and self.weight.dtype == torch.bfloat16
-            and 0 < x.numel() <= DECODING_MAX_ROWS * self.in_features
+            and x.numel() > 0
             and not needs_autograd(x, *params)
+            and product_kernel(x.numel() // self.in_features, torch.bfloat16) != "torch"
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.uses_kernel(x):
             return super().forward(x)
-        out = extension().small_batch_linear(x.reshape(-1, self.in_features), self.weight, self.bias)
+        out = extension().stream_linear(x.reshape(-1, self.in_features), self.weight, None, self.bias, "auto")
         return out.view(*x.shape[:-1], self.out_features)

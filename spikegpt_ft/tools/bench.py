@@ -16,7 +16,7 @@ FFN 3072); ``--layers/--embd/--vocab`` shrink it.
 
 Decoding one token reads every linear weight of the model once, so a recurrent step is bounded below by
 the time the machine takes to read them. Beside each ``recurrent`` row the time to read all the model's
-linear weights once (a ``sum()`` over each weight tensor, timed as the steps are) and the ratio
+linear weights once (each weight's bytes read as 64-bit words by a ``max``, timed as the steps are) and the ratio
 ``step time / read time`` are reported: the ratio compares across machines where the milliseconds do not.
 """
 
@@ -40,6 +40,7 @@ from torch import nn
 from ..inference import WEIGHT_PRECISIONS, GraphedStepper, cast_weights
 from ..model import SpikeGPT, SpikeGPTConfig, init_random_spiking, make_lif
 from ..ops import Int8Linear, fresh_state, wkv
+from ..ops.linear import product_kernel
 from ..system import cpu_flags, device_name, peak_memory_mb
 
 #: The WKV shapes of the issue, (B, T, C).
@@ -380,11 +381,30 @@ def _decode_case(model: SpikeGPT, args, device, B: int, steps: int) -> list[floa
     return samples
 
 
+def linear_flops_per_row(model: nn.Module) -> int:
+    """Multiply-adds times two of every linear layer of ``model`` for one row (token) of input."""
+    return sum(2 * w.numel() for w in linear_weights(model) if w.dim() == 2)
+
+
+def time_matmul_rate(dtype: torch.dtype, device: torch.device, warmup: int, repeats: int) -> float:
+    """GFLOP/s of one large ``F.linear`` in ``dtype`` (512 x 768 by 768 x 3072, compute-bound): what the
+    machine's matrix product reaches in that dtype, measured beside the step it is compared with."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(512, 768, generator=g).to(device, dtype)
+    w = torch.randn(3072, 768, generator=g).to(device, dtype)
+    with torch.inference_mode():
+        med = statistics.median(time_fn(lambda: F.linear(x, w), device, warmup, repeats))
+    return 2 * x.shape[0] * w.numel() / med / 1e9
+
+
 def bench_recurrent(args, device, dtype) -> list[dict]:
     """Token-by-token decoding (weights in ``dtype``, or int8 with ``--int8-weights``; state in float32).
 
     Each row also carries the time to read all the linear weights once (``weight_read_ms``, the same model
-    and dtype) and ``step_over_weight_read``, the step's median time over it.
+    and dtype) and ``step_over_weight_read``, the step's median time over it; the product kernel the linear
+    layers chose for that batch (``kernel``, :func:`~spikegpt_ft.ops.linear.product_kernel` on the CPU);
+    and the step's linear-layer rate (``linear_gflop_per_s``: their FLOPs over the whole step's time) beside
+    one large matrix product in bfloat16 and float32, measured in the same run (``matmul_gflop_per_s``).
 
     With ``--cuda-graph`` (the default on CUDA) each step is one replay of a CUDA graph of ``model.step``
     (:class:`~spikegpt_ft.inference.GraphedStepper`), else an eager ``model.step``; each row records which.
@@ -396,10 +416,17 @@ def bench_recurrent(args, device, dtype) -> list[dict]:
     else:
         model.to(dtype)
     read = time_weight_read(model, device, args.warmup, max(args.repeats, 5))
+    rates = {
+        name: time_matmul_rate(d, device, args.warmup, max(args.repeats, 5))
+        for name, d in (("bfloat16", torch.bfloat16), ("float32", torch.float32))
+    }
+    flops = linear_flops_per_row(model)
+    weight_dtype = torch.int8 if weights == "int8" else dtype
     results = []
     for B, steps in ((1, args.rec_steps), (args.rec_batch, args.rec_batch_steps)):
         samples = _decode_case(model, args, device, B, steps)
         med = statistics.median(samples)
+        kernel = product_kernel(B, weight_dtype) if device.type == "cpu" and weights != "float32" else "torch"
         results.append(
             _result(
                 "recurrent",
@@ -412,8 +439,11 @@ def bench_recurrent(args, device, dtype) -> list[dict]:
                 weights_dtype=weights,
                 state_dtype="float32",
                 cuda_graph=args.cuda_graph,
+                kernel=kernel,
                 **read,
                 step_over_weight_read=med * 1e3 / read["weight_read_ms"],
+                linear_gflop_per_s=flops * B / med / 1e9,
+                matmul_gflop_per_s=rates,
             )
         )
     return results
@@ -440,11 +470,18 @@ RUNNERS = {
 # --------------------------------------------------------------------------------------------- CLI
 
 
+def _rates_text(r: dict) -> str:
+    if "linear_gflop_per_s" not in r:
+        return ""
+    m = r["matmul_gflop_per_s"]
+    return f"{r['linear_gflop_per_s']:.1f} ({m['bfloat16']:.1f} / {m['float32']:.1f})"
+
+
 def format_table(results: list[dict]) -> str:
     """A plain-text table of the results."""
     rows = [
         ("section", "case", "shape", "median ms", "min ms", "throughput", "peak MiB", "cpu ms/call", "load",
-         "weight read ms", "step/read"),
+         "weight read ms", "step/read", "kernel", "linear GFLOP/s (bf16 / fp32 matmul)"),
     ]  # fmt: skip
     for r in results:
         shape = "x".join(f"{k}{v}" for k, v in r["shape"].items())
@@ -462,6 +499,8 @@ def format_table(results: list[dict]) -> str:
                 f"{r['load_average_after']:.2f}" if r["load_average_after"] is not None else "",
                 f"{r['weight_read_ms']:.3f}" if "weight_read_ms" in r else "",
                 f"{r['step_over_weight_read']:.2f}" if "step_over_weight_read" in r else "",
+                r.get("kernel", ""),
+                _rates_text(r),
             )
         )
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]

@@ -1,16 +1,19 @@
-// Linear layer with bfloat16 weights for a few rows on the CPU: y = x W^T (+ bias), x and W bfloat16 [N, K],
-// y bfloat16.
+// Linear products for decoding on the CPU with bfloat16 or int8 weights: y = x W^T (+ bias).
 //
-// Why hand-written: decoding one sequence reads every weight once per token, so a step should run at the
-// speed of memory. PyTorch's CPU kernel for one row (oneDNN's bfloat16 product) reads the weights at 10 to
-// 16 GB/s on the machines this project targets, while the same memory streams at about 50 GB/s; this loop
-// reads them at about twice PyTorch's rate (BENCHMARKS.md). It is meant for one row (decoding one
-// sequence); with several rows each weight row is reused from the cache, but PyTorch's matrix-matrix
-// kernels are as fast from 3 rows on, so `spikegpt_ft.ops.Linear` calls this for 1 or 2 rows.
+// Why hand-written: decoding reads every weight once per token, so a step should run at the speed of
+// memory. PyTorch's CPU kernels for a few rows read bfloat16 weights at well under that speed, and on CPUs
+// without bfloat16 arithmetic (AVX2, AVX-512 without AVX512-BF16) its bfloat16 matrix product is emulated
+// at a quarter of the float32 rate (BENCHMARKS.md).
 //
-// Arithmetic: weights and inputs are widened to float32 exactly, the products summed in float32 (16 partial
-// sums per row, then added up), the bias (float32 of its bfloat16) added, and the result rounded once to
-// bfloat16: what PyTorch's kernel computes, up to the order of the float32 additions.
+// `stream_linear`: each weight is read from memory once and multiplied with up to four rows of x from
+// registers, in float32 accumulators; with more rows, a block of weight rows read once serves every group of
+// four rows from the cache. An AVX2+FMA version (several weight rows at a time, so that independent sums hide
+// the FMA latency) and a portable one for CPUs without AVX2; `spikegpt_ft.ops.linear` chooses where it runs.
+//
+// Arithmetic: weights and inputs widened to float32 exactly, products summed in float32 (the same order for
+// an output whatever the number of rows), int8 sums times the row's scale, the bias (float32 of its stored
+// value) added, the result rounded once to the input's dtype. That is what PyTorch's kernels compute, up to
+// the order of the float32 additions.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
@@ -18,70 +21,228 @@
 #include <cstdint>
 #include <cstring>
 #include <optional>
+#include <string>
 
-#include "cpu_clones.h"
+#if defined(__x86_64__) && defined(__GNUC__)
+#include <immintrin.h>
+#define HAVE_X86_KERNELS 1
+#define AVX2_TARGET __attribute__((target("avx2,fma")))
+#endif
 
 namespace {
 
-// Partial sums per row: one AVX-512 register of float32.
-constexpr int64_t kLanes = 16;
 // Weights per thread below which a second thread costs more than it saves.
 constexpr int64_t kMinWeightsPerThread = 1 << 16;
+// Rows of x the streaming kernel multiplies at once (their accumulators live in registers).
+constexpr int64_t kMaxStreamRows = 4;
+// Weights per block that the rows of x share from the cache (256 KiB of bfloat16).
+constexpr int64_t kStreamBlockWeights = 1 << 17;
 
-// bfloat16 bits to float32: the same bits in the upper half (exact).
 inline float widen(uint16_t bf16) {
   const uint32_t bits = static_cast<uint32_t>(bf16) << 16;
   float f;
   std::memcpy(&f, &bits, sizeof f);
   return f;
 }
+inline float widen(int8_t q) { return static_cast<float>(q); }
 
-// The float32 dot product of one weight row `wn` (bfloat16 bits) with one row `xm` of x, both of length K.
-inline float dot(const uint16_t* __restrict__ wn, const float* __restrict__ xm, int64_t K) {
-  const int64_t body = K - K % kLanes;
-  float acc[kLanes] = {};
-  for (int64_t k = 0; k < body; k += kLanes) {
-    for (int64_t j = 0; j < kLanes; ++j) acc[j] += widen(wn[k + j]) * xm[k + j];
-  }
-  float sum = 0.0f;
-  for (int64_t j = 0; j < kLanes; ++j) sum += acc[j];
-  for (int64_t k = body; k < K; ++k) sum += widen(wn[k]) * xm[k];
-  return sum;
+// What every streaming kernel needs: x float32 [M, K], the weight's raw elements [N, K], the per-row scale
+// (int8) or null, the bias float32 or null, out [M, N] of type Out; rows [n0, n1) of the weight.
+template <typename W, typename Out>
+struct StreamArgs {
+  const float* x;
+  const W* w;
+  const float* scale;
+  const float* bias;
+  Out* out;
+  int64_t M, N, K;
+};
+
+template <typename W, typename Out>
+inline void store(const StreamArgs<W, Out>& a, int64_t m, int64_t n, float sum) {
+  if (a.scale != nullptr) sum *= a.scale[n];
+  if (a.bias != nullptr) sum += a.bias[n];
+  a.out[m * a.N + n] = static_cast<Out>(sum);
 }
 
-// out[m * N + n] for the weight rows [n0, n1) and every row m of x (float32, [M, K]); `bias` (float32, [N])
-// may be null. Each weight row is read from memory once, then from the cache for the other rows of x.
-CPU_CLONES void rows_times_weights(const float* __restrict__ x, const uint16_t* __restrict__ w,
-                                   const float* __restrict__ bias, at::BFloat16* __restrict__ out, int64_t M,
-                                   int64_t N, int64_t K, int64_t n0, int64_t n1) {
+// Portable: one weight row at a time, 16 partial sums per row of x (vectorised by the compiler).
+template <typename W, typename Out>
+void stream_portable(const StreamArgs<W, Out>& a, int64_t n0, int64_t n1) {
+  constexpr int64_t lanes = 16;
+  const int64_t K = a.K, body = K - K % lanes;
   for (int64_t n = n0; n < n1; ++n) {
-    for (int64_t m = 0; m < M; ++m) {
-      float sum = dot(w + n * K, x + m * K, K);
-      if (bias != nullptr) sum += bias[n];
-      out[m * N + n] = at::BFloat16(sum);
+    const W* wn = a.w + n * K;
+    for (int64_t m = 0; m < a.M; ++m) {
+      const float* xm = a.x + m * K;
+      float acc[lanes] = {};
+      for (int64_t k = 0; k < body; k += lanes) {
+        for (int64_t j = 0; j < lanes; ++j) acc[j] += widen(wn[k + j]) * xm[k + j];
+      }
+      float sum = 0.0f;
+      for (int64_t j = 0; j < lanes; ++j) sum += acc[j];
+      for (int64_t k = body; k < K; ++k) sum += widen(wn[k]) * xm[k];
+      store(a, m, n, sum);
     }
+  }
+}
+
+#ifdef HAVE_X86_KERNELS
+// Eight weights as float32.
+AVX2_TARGET inline __m256 load8(const uint16_t* p) {
+  const __m128i raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(raw), 16));
+}
+AVX2_TARGET inline __m256 load8(const int8_t* p) {
+  const __m128i raw = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(p));
+  return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(raw));
+}
+AVX2_TARGET inline float hsum(__m256 v) {
+  const __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  const __m128 t = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  return _mm_cvtss_f32(_mm_add_ss(t, _mm_movehdup_ps(t)));
+}
+
+// R weight rows from n times M rows of x: R * M accumulators of 8 lanes.
+template <int M, int R, typename W, typename Out>
+AVX2_TARGET void stream_rows_avx2(const StreamArgs<W, Out>& a, int64_t n) {
+  const int64_t K = a.K, body = K - K % 8;
+  __m256 acc[R][M];
+  for (int r = 0; r < R; ++r)
+    for (int m = 0; m < M; ++m) acc[r][m] = _mm256_setzero_ps();
+  for (int64_t k = 0; k < body; k += 8) {
+    __m256 xs[M];
+    for (int m = 0; m < M; ++m) xs[m] = _mm256_loadu_ps(a.x + m * K + k);
+    for (int r = 0; r < R; ++r) {
+      const __m256 wv = load8(a.w + (n + r) * K + k);
+      for (int m = 0; m < M; ++m) acc[r][m] = _mm256_fmadd_ps(wv, xs[m], acc[r][m]);
+    }
+  }
+  for (int r = 0; r < R; ++r) {
+    const W* wn = a.w + (n + r) * K;
+    for (int m = 0; m < M; ++m) {
+      float sum = hsum(acc[r][m]);
+      for (int64_t k = body; k < K; ++k) sum += widen(wn[k]) * a.x[m * K + k];
+      store(a, m, n + r, sum);
+    }
+  }
+}
+
+template <int M, typename W, typename Out>
+AVX2_TARGET void stream_avx2_m(const StreamArgs<W, Out>& a, int64_t n0, int64_t n1) {
+  constexpr int R = M <= 2 ? 4 : 2;  // at most 8 accumulators, 4 independent sums for one row
+  int64_t n = n0;
+  for (; n + R <= n1; n += R) stream_rows_avx2<M, R>(a, n);
+  for (; n < n1; ++n) stream_rows_avx2<M, 1>(a, n);
+}
+
+template <typename W, typename Out>
+void stream_avx2(const StreamArgs<W, Out>& a, int64_t n0, int64_t n1) {
+  switch (a.M) {
+    case 1: return stream_avx2_m<1>(a, n0, n1);
+    case 2: return stream_avx2_m<2>(a, n0, n1);
+    case 3: return stream_avx2_m<3>(a, n0, n1);
+    default: return stream_avx2_m<4>(a, n0, n1);
+  }
+}
+#endif
+
+bool cpu_has_avx2_fma() {
+#ifdef HAVE_X86_KERNELS
+  static const bool has = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  return has;
+#else
+  return false;
+#endif
+}
+
+void check_weight(const torch::Tensor& x, const torch::Tensor& weight, const std::optional<torch::Tensor>& scale,
+                  const std::optional<torch::Tensor>& bias, const char* op) {
+  TORCH_CHECK(x.device().is_cpu() && weight.device().is_cpu(), op, ": CPU tensors only");
+  TORCH_CHECK(x.dim() == 2 && weight.dim() == 2 && x.size(1) == weight.size(1), op,
+              ": x must be [M, K] and weight [N, K]");
+  const auto kind = weight.scalar_type();
+  TORCH_CHECK(kind == torch::kBFloat16 || kind == torch::kChar, op, ": the weight must be bfloat16 or int8");
+  TORCH_CHECK((kind == torch::kChar) == scale.has_value(), op, ": int8 weights need a scale, bfloat16 ones none");
+  TORCH_CHECK(!scale || scale->numel() == weight.size(0), op, ": the scale must have one value per output");
+  TORCH_CHECK(!bias || bias->numel() == weight.size(0), op, ": the bias must have one value per output");
+}
+
+std::optional<torch::Tensor> as_float(const std::optional<torch::Tensor>& t) {
+  if (!t) return std::nullopt;
+  return t->to(torch::kFloat32).contiguous();
+}
+
+// Blocks of weight rows over the threads; within a block, the rows of x four at a time, so that a block
+// read from memory once serves every row from the cache. Each output element is summed the same way
+// whatever M is, so one row decoded alone gets exactly the value it gets among many.
+template <typename W, typename Out>
+void run_stream(const StreamArgs<W, Out>& a, bool vector) {
+  const int64_t grain = std::max<int64_t>(1, kMinWeightsPerThread / std::max<int64_t>(a.K, 1));
+  const int64_t block = std::max<int64_t>(1, kStreamBlockWeights / std::max<int64_t>(a.K, 1));
+  at::parallel_for(0, a.N, grain, [&](int64_t n0, int64_t n1) {
+    for (int64_t b0 = n0; b0 < n1; b0 += block) {
+      const int64_t b1 = std::min(n1, b0 + block);
+      for (int64_t m0 = 0; m0 < a.M; m0 += kMaxStreamRows) {
+        StreamArgs<W, Out> rows = a;
+        rows.x = a.x + m0 * a.K;
+        rows.out = a.out + m0 * a.N;
+        rows.M = std::min(kMaxStreamRows, a.M - m0);
+#ifdef HAVE_X86_KERNELS
+        if (vector) {
+          stream_avx2(rows, b0, b1);
+          continue;
+        }
+#endif
+        stream_portable(rows, b0, b1);
+      }
+    }
+  });
+}
+
+template <typename W>
+void stream_dispatch(const torch::Tensor& xf, const torch::Tensor& w, const float* s, const float* b,
+                     torch::Tensor& out, bool vector) {
+  const int64_t M = xf.size(0), K = xf.size(1), N = w.size(0);
+  const W* w_ = reinterpret_cast<const W*>(w.data_ptr());
+  if (out.scalar_type() == torch::kFloat32) {
+    run_stream(StreamArgs<W, float>{xf.data_ptr<float>(), w_, s, b, out.data_ptr<float>(), M, N, K}, vector);
+  } else {
+    run_stream(StreamArgs<W, at::BFloat16>{xf.data_ptr<float>(), w_, s, b, out.data_ptr<at::BFloat16>(), M, N, K},
+               vector);
   }
 }
 
 }  // namespace
 
-// x: [M, K] bfloat16 or float32; weight: [N, K] bfloat16; bias: [N]. Returns [M, N] bfloat16.
-torch::Tensor small_batch_linear_cpu(torch::Tensor x, torch::Tensor weight, std::optional<torch::Tensor> bias) {
-  TORCH_CHECK(x.device().is_cpu() && weight.device().is_cpu(), "small_batch_linear: CPU tensors only");
-  TORCH_CHECK(x.dim() == 2 && weight.dim() == 2 && x.size(1) == weight.size(1),
-              "small_batch_linear: x must be [M, K] and weight [N, K]");
-  TORCH_CHECK(weight.scalar_type() == torch::kBFloat16, "small_batch_linear: the weight must be bfloat16");
-  const int64_t M = x.size(0), K = x.size(1), N = weight.size(0);
+// The product kernels this CPU can run: "avx2" (AVX2 and FMA) and "portable".
+std::vector<std::string> linear_kernels_cpu() {
+  std::vector<std::string> kernels;
+  if (cpu_has_avx2_fma()) kernels.emplace_back("avx2");
+  kernels.emplace_back("portable");
+  return kernels;
+}
+
+// x: [M, K] float32 or bfloat16; weight: [N, K] bfloat16, or int8 with scale [N]; bias: [N].
+// Returns [M, N] in x's dtype. `kernel`: "auto" (the best this CPU runs), "avx2" or "portable".
+torch::Tensor stream_linear_cpu(torch::Tensor x, torch::Tensor weight, std::optional<torch::Tensor> scale,
+                                std::optional<torch::Tensor> bias, const std::string& kernel) {
+  check_weight(x, weight, scale, bias, "stream_linear");
+  TORCH_CHECK(x.scalar_type() == torch::kFloat32 || x.scalar_type() == torch::kBFloat16,
+              "stream_linear: x must be float32 or bfloat16");
+  TORCH_CHECK(kernel == "auto" || kernel == "avx2" || kernel == "portable", "stream_linear: unknown kernel '",
+              kernel, "' (auto, avx2 or portable)");
+  TORCH_CHECK(kernel != "avx2" || cpu_has_avx2_fma(), "stream_linear: this CPU has no AVX2 and FMA");
+  const bool vector = kernel == "avx2" || (kernel == "auto" && cpu_has_avx2_fma());
   const auto xf = x.to(torch::kFloat32).contiguous();
   const auto w = weight.contiguous();
-  const auto bf = bias ? bias->to(torch::kFloat32).contiguous() : torch::Tensor();
-  TORCH_CHECK(!bias || bf.numel() == N, "small_batch_linear: the bias must have one value per output");
-  auto out = torch::empty({M, N}, x.options().dtype(torch::kBFloat16));
-  const auto* w_ = reinterpret_cast<const uint16_t*>(w.data_ptr<at::BFloat16>());
-  const float* b_ = bias ? bf.data_ptr<float>() : nullptr;
-  const int64_t grain = std::max<int64_t>(1, kMinWeightsPerThread / std::max<int64_t>(K, 1));
-  at::parallel_for(0, N, grain, [&](int64_t n0, int64_t n1) {
-    rows_times_weights(xf.data_ptr<float>(), w_, b_, out.data_ptr<at::BFloat16>(), M, N, K, n0, n1);
-  });
+  const auto sf = as_float(scale), bf = as_float(bias);
+  auto out = torch::empty({x.size(0), w.size(0)}, x.options());
+  const float* s = sf ? sf->data_ptr<float>() : nullptr;
+  const float* b = bf ? bf->data_ptr<float>() : nullptr;
+  if (w.scalar_type() == torch::kChar) {
+    stream_dispatch<int8_t>(xf, w, s, b, out, vector);
+  } else {
+    stream_dispatch<uint16_t>(xf, w, s, b, out, vector);
+  }
   return out;
 }

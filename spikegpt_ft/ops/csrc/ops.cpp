@@ -21,8 +21,10 @@ std::vector<torch::Tensor> lif_forward_cpu(torch::Tensor x, torch::Tensor v0, do
                                            double v_reset);
 std::vector<torch::Tensor> lif_backward_cpu(torch::Tensor grad_spikes, torch::Tensor grad_v_last, torch::Tensor h,
                                             double tau, double v_threshold, double v_reset, double alpha);
-// The bfloat16 linear layer for a few rows (linear_cpu.cpp).
-torch::Tensor small_batch_linear_cpu(torch::Tensor x, torch::Tensor weight, std::optional<torch::Tensor> bias);
+// The decoding products with bfloat16 or int8 weights (linear_cpu.cpp).
+std::vector<std::string> linear_kernels_cpu();
+torch::Tensor stream_linear_cpu(torch::Tensor x, torch::Tensor weight, std::optional<torch::Tensor> scale,
+                                std::optional<torch::Tensor> bias, const std::string& kernel);
 
 #ifndef WITH_CUDA
 constexpr const char* kNoCudaKernels =
@@ -133,8 +135,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("wkv_backward", &wkv_backward,
         "WKV backward: (w, u, k, v, r or None, y, log_den, gout, state, chunk_len, cuda_stream) -> "
         "(gw[B*chunks,C], gu[B*chunks,C], gk, gv, gr)");
-  m.def("small_batch_linear", &small_batch_linear_cpu,
-        "bfloat16 linear for a few rows (cpu): (x[M,K], weight[N,K] bf16, bias[N] or None) -> y[M,N] bf16");
+  m.def("linear_kernels", &linear_kernels_cpu, "the streaming product kernels this CPU runs, best first");
+  m.def("stream_linear", &stream_linear_cpu,
+        "linear, streaming the weights (cpu): (x[M,K], weight[N,K] bf16 or int8, scale[N] (int8) or None, bias[N] or None, "
+        "kernel 'auto'|'avx2'|'portable') -> y[M,N] in x's dtype");
   m.def("lif_forward", &lif_forward_cpu,
         "LIF forward (cpu): (x[T,*S], v0[S], tau, v_threshold, v_reset) -> (spikes[T,*S], v_last[S], h[T,*S])");
   m.def("lif_backward", &lif_backward_cpu,

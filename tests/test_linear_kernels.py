@@ -1,0 +1,70 @@
+"""The CPU streaming product (csrc/linear_cpu.cpp) against a float64 product written here: every kernel
+this CPU runs, bfloat16 and int8 weights, odd sizes, 1 to 64 rows."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from spikegpt_ft.ops import extension
+
+KERNELS = extension().linear_kernels()
+#: Half an ulp of bfloat16 (8 significant bits), relative.
+BF16_ROUNDING = 2.0**-8
+
+
+def _weights(kind: str, n: int, k: int, seed: int) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+    """(stored weight, scale or None, the float64 weight they stand for)."""
+    g = torch.Generator().manual_seed(seed)
+    if kind == "int8":
+        w8 = torch.randint(-127, 128, (n, k), generator=g, dtype=torch.int8)
+        scale = (torch.rand(n, generator=g) * 0.02 + 1e-3).to(torch.bfloat16)
+        return w8, scale, w8.double() * scale.double()[:, None]
+    w = torch.randn(n, k, generator=g).to(torch.bfloat16)
+    return w, None, w.double()
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
+@pytest.mark.parametrize("kind", ["bfloat16", "int8"])
+@pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 64])
+@pytest.mark.parametrize(("n", "k"), [(1, 1), (7, 5), (13, 29), (300, 40), (37, 768), (9, 1031)])
+@pytest.mark.parametrize("x_dtype", [torch.bfloat16, torch.float32])
+def test_stream_product_is_the_float64_product_up_to_float32_sums_and_one_rounding(kernel, kind, rows, n, k, x_dtype):
+    weight, scale, w = _weights(kind, n, k, seed=n * k)
+    g = torch.Generator().manual_seed(rows)
+    x = torch.randn(rows, k, generator=g).to(x_dtype)
+    bias = torch.randn(n, generator=g).to(torch.bfloat16)
+    out = extension().stream_linear(x, weight, scale, bias, kernel)
+    assert out.shape == (rows, n) and out.dtype == x_dtype
+    reference = x.double() @ w.T + bias.double()
+    terms = x.double().abs() @ w.abs().T + bias.double().abs()
+    rounding = BF16_ROUNDING if x_dtype == torch.bfloat16 else 2.0**-24
+    # float32 sums of k + 1 terms (and the scale's product), then one rounding to x's dtype
+    bound = (k + 3) * 2.0**-24 * terms * (1 + rounding) + rounding * reference.abs()
+    assert torch.all((out.double() - reference).abs() <= bound)
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
+@pytest.mark.parametrize("kind", ["bfloat16", "int8"])
+def test_a_row_gets_the_same_bits_alone_as_among_many(kernel, kind):
+    """What makes a decoded token equal its parallel pass: the sums do not depend on the number of rows."""
+    weight, scale, _ = _weights(kind, 301, 771, seed=5)
+    x = torch.randn(70, 771, generator=torch.Generator().manual_seed(6)).to(torch.bfloat16)
+    together = extension().stream_linear(x, weight, scale, None, kernel)
+    for i in (0, 3, 4, 69):
+        assert torch.equal(extension().stream_linear(x[i : i + 1], weight, scale, None, kernel)[0], together[i])
+
+
+def test_bad_calls_are_refused_clearly():
+    w = torch.zeros(4, 8, dtype=torch.bfloat16)
+    x = torch.zeros(1, 8, dtype=torch.bfloat16)
+    with pytest.raises(RuntimeError, match="unknown kernel 'avx9'"):
+        extension().stream_linear(x, w, None, None, "avx9")
+    with pytest.raises(RuntimeError, match="int8 weights need a scale"):
+        extension().stream_linear(x, w.to(torch.int8), None, None, "auto")
+    with pytest.raises(RuntimeError, match="bfloat16 or int8"):
+        extension().stream_linear(x, w.float(), None, None, "auto")
+    with pytest.raises(RuntimeError, match=r"x must be \[M, K\]"):
+        extension().stream_linear(x[:, :5], w, None, None, "auto")
+    with pytest.raises(RuntimeError, match="one value per output"):
+        extension().stream_linear(x, w, None, torch.zeros(3), "auto")
