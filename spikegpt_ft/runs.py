@@ -3,7 +3,7 @@
 A run directory (``runs/<task>-<adapter>-seed<N>``) holds:
 
 * ``run_config.json`` — a :class:`RunConfig`: objective and task, labels, adapter and its config, protocol,
-  base (official file or ``scratch:<preset>``) and its fingerprint, model config, tokenizer, seed, and
+  base (official file or ``scratch:<preset>:<init>``) and its fingerprint, model config, tokenizer, seed, and
   everything that rebuilds the run's exact data splits, with a fingerprint of each split;
 * the weights: ``adapter.safetensors`` (adapter runs: adapters and head, tied to the base by fingerprint),
   ``model.safetensors`` (a whole classifier: full fine-tuning, and any run on a scratch base, whose frozen

@@ -162,7 +162,7 @@ def test_end_to_end_fine_tune(runs, adapter):
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert KEYS <= set(metrics)
     assert metrics["task"] == "subj" and metrics["adapter"] == adapter and metrics["seed"] == 0
-    assert metrics["base"] == "scratch:tiny"
+    assert metrics["base"] == "scratch:tiny:rwkv"
     assert metrics["test_accuracy"] > 0.6 and metrics["val_accuracy"] > 0.6, metrics  # chance is 0.5
     # every epoch is reported, also when the best one (tested) was not the last
     assert [e["epoch"] for e in metrics["epochs"]] == [0, 1, 2] and all("gen_gap" in e for e in metrics["epochs"])

@@ -1,7 +1,7 @@
 """The SpikeGPT model: architecture (``spikegpt.py``), recurrent state, official checkpoints, sizes and inits."""
 
 from .checkpoint import load_model, read_state_dict, save_official
-from .init import PRESETS, Preset, init_random_spiking, init_scratch, read_preset
+from .init import PRESETS, SCRATCH_INITS, Preset, init_random_spiking, init_scratch, read_preset
 from .spikegpt import (
     BLOCK_DROPOUT,
     VOCAB_SIZE,
@@ -25,6 +25,7 @@ __all__ = [
     "fire",
     "init_random_spiking",
     "init_scratch",
+    "SCRATCH_INITS",
     "load_model",
     "make_lif",
     "read_preset",

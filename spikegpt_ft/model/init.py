@@ -2,7 +2,7 @@
 
 - :data:`PRESETS`: named sizes (``--model NAME`` for ``--base scratch``); a YAML file with ``n_layer`` and
   ``n_embd`` (optional ``ffn_hidden``, ``vocab_size``, ``name``) gives any other size.
-- :func:`init_scratch`: the initialisation a model trained from scratch starts from.
+- :func:`init_scratch`: the initialisations a model trained from scratch can start from (:data:`SCRATCH_INITS`).
 - :func:`init_random_spiking`: random weights scaled so that the LIFs fire, for tests, benchmarks and the
   energy account's rate measurements on untrained models.
 """
@@ -77,14 +77,27 @@ def read_preset(name_or_path: str | Path) -> Preset:
     )
 
 
-@torch.no_grad()
-def init_scratch(model: SpikeGPT) -> SpikeGPT:
-    """Initialise a fresh SpikeGPT the RWKV-v4 way (per-channel decay and mix ramps, small embeddings).
+#: The initialisations of a scratch model's matrices and embedding (``--init``):
+#: ``rwkv``: RWKV-v4's ``RWKV_Init``, which the official SpikeGPT ``src/model.py`` applies to a fresh model: a
+#: tiny embedding (orthogonal, gain 1e-4 sqrt(max(V, C))), orthogonal matrices with gain sqrt(out / in) where
+#: out > in, the LM head at half that gain, and zeros for the attention's key, receptance and output and the
+#: FFN's receptance and value; ``pytorch``: PyTorch's defaults (N(0, 1) embedding, Kaiming-uniform matrices);
+#: ``wide``: N(0, 1) embedding and every matrix N(0, (2 / sqrt(fan_in))^2), as :func:`init_random_spiking`.
+SCRATCH_INITS = ("rwkv", "pytorch", "wide")
+#: The matrices ``RWKV_Init`` starts at zero (``scale_init = 0`` in the official ``src/model.py``).
+_RWKV_ZERO = ("att.key", "att.receptance", "att.output", "ffn.receptance", "ffn.value")
 
-    Uses the global torch RNG, so ``lightning.seed_everything`` fixes the result.
+
+@torch.no_grad()
+def init_scratch(model: SpikeGPT, scheme: str = "rwkv") -> SpikeGPT:
+    """Initialise a fresh SpikeGPT: RWKV-v4's per-channel decay and mix ramps, then ``scheme``'s matrices.
+
+    ``scheme`` is one of :data:`SCRATCH_INITS`. Uses the global torch RNG, so ``lightning.seed_everything``
+    fixes the result.
     """
+    if scheme not in SCRATCH_INITS:
+        raise ValueError(f"scratch initialisation must be one of {SCRATCH_INITS}, got {scheme!r}")
     n_layer, C = model.config.n_layer, model.config.n_embd
-    model.emb.weight.uniform_(-1e-4, 1e-4).add_(torch.randn_like(model.emb.weight))
     ramp = torch.arange(C, dtype=torch.float32) / max(C - 1, 1)
     x = (torch.arange(C, dtype=torch.float32) / C).view(1, 1, C)
     zigzag = torch.tensor([(j + 1) % 3 - 1 for j in range(C)], dtype=torch.float32) * 0.5
@@ -99,7 +112,28 @@ def init_scratch(model: SpikeGPT) -> SpikeGPT:
         att.time_mix_r.copy_(x ** (0.5 * r1_0))
         ffn.time_mix_k.copy_(x**r1_0)
         ffn.time_mix_r.copy_(x**r1_0)
-        for lin in (att.key, att.value, att.receptance, att.output, ffn.key, ffn.receptance, ffn.value):
+    matrices = {
+        f"blocks.{i}.{name}": getattr(getattr(block, name.split(".")[0]), name.split(".")[1])
+        for i, block in enumerate(model.blocks)
+        for name in ("att.key", "att.value", "att.receptance", "att.output", "ffn.key", "ffn.receptance", "ffn.value")
+    }
+    if scheme == "rwkv":
+        emb = model.emb.weight
+        torch.nn.init.orthogonal_(emb, gain=1e-4 * math.sqrt(max(emb.shape)))
+        for name, lin in {**matrices, "head": model.head}.items():
+            out_features, in_features = lin.weight.shape
+            gain = math.sqrt(out_features / in_features) if out_features > in_features else 1.0
+            if name.endswith(_RWKV_ZERO):
+                torch.nn.init.zeros_(lin.weight)
+            else:
+                torch.nn.init.orthogonal_(lin.weight, gain=gain * (0.5 if name == "head" else 1.0))
+    elif scheme == "pytorch":
+        torch.nn.init.normal_(model.emb.weight)
+        for lin in (*matrices.values(), model.head):
+            lin.reset_parameters()
+    else:
+        torch.nn.init.normal_(model.emb.weight)
+        for lin in matrices.values():
             torch.nn.init.normal_(lin.weight, 0.0, 2.0 / lin.weight.shape[1] ** 0.5)
     return model
 

@@ -178,7 +178,7 @@ def find_runs(runs_dir: str | Path) -> list[tuple[Path, dict]]:
 
 
 def base_kind(base: object) -> str:
-    """``"scratch"`` (``scratch:<preset>``), ``"pretrained"`` (a checkpoint path) or ``"unknown"`` (not given)."""
+    """``"scratch"`` (``scratch:<preset>:<init>``), ``"pretrained"`` (a checkpoint) or ``"unknown"`` (not given)."""
     if not isinstance(base, str) or not base:
         return "unknown"
     return "scratch" if base == "scratch" or base.startswith("scratch:") else "pretrained"

@@ -21,7 +21,7 @@ BASE_HELP = (
 
 @dataclass(frozen=True)
 class BaseInfo:
-    """Where a run's base came from: ``base`` is the resolved file or ``scratch:<preset>``."""
+    """Where a run's base came from: ``base`` is the resolved file or ``scratch:<preset>:<init>``."""
 
     base: str
     base_path: str | None
@@ -34,18 +34,19 @@ class BaseInfo:
         return self.base_path is not None
 
 
-def build_base(base: str | Path, preset: str | Path | None = None) -> tuple[SpikeGPT, BaseInfo]:
+def build_base(base: str | Path, preset: str | Path | None = None, init: str = "rwkv") -> tuple[SpikeGPT, BaseInfo]:
     """The base language model: an official-format ``.pth`` or, with ``base="scratch"``, a fresh model.
 
     A scratch model has the size ``preset`` names (:data:`~spikegpt_ft.model.PRESETS` or a YAML file) and is
-    initialised by :func:`~spikegpt_ft.model.init_scratch` from the current torch seed.
+    initialised by :func:`~spikegpt_ft.model.init_scratch` (scheme ``init``) from the current torch seed.
     """
     if str(base) == SCRATCH:
         if preset is None:
             raise ValueError("--base scratch needs a model size: --model tiny (or small, nlu-12x512, a YAML file)")
         size = read_preset(preset)
-        model = init_scratch(SpikeGPT(size.config()))
-        info = BaseInfo(f"{SCRATCH}:{size.name}", None, asdict(size), ad.base_fingerprint(model))
+        model = init_scratch(SpikeGPT(size.config()), init)
+        preset_info = asdict(size) | {"init": init}
+        info = BaseInfo(f"{SCRATCH}:{size.name}:{init}", None, preset_info, ad.base_fingerprint(model))
         return model, info
     path = Path(base)
     if not path.is_file():

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from ..model import SCRATCH_INITS
+
 #: What ``--task`` accepts beyond the classification tasks: language modelling on a text corpus.
 LM_TASK = "lm"
 ADAPTERS = ("none", "lora", "spikelora")
@@ -19,6 +21,8 @@ class RunOptions:
         adapter: none (full fine-tuning), lora or spikelora.
         base: an official-format SpikeGPT .pth, or scratch (a fresh model of the size ``--model``).
         model: size of a scratch base: a preset (tiny, small, nlu-12x512, nlu-24x768, 216m) or a YAML file.
+        init: initialisation of a scratch base: rwkv (RWKV-v4's, as the official SpikeGPT code), pytorch, or
+            wide (every matrix N(0, 4 / fan_in)); see ``spikegpt_ft.model.init``.
         protocol: the named protocol whose values are the defaults (see ``spikegpt_ft/protocols/``).
         seed: seed of the split, the initialisation and the data order.
         seeds: several seeds, e.g. 0,1,2,3,4 (one run each; overrides seed).
@@ -35,6 +39,7 @@ class RunOptions:
     adapter: str = "spikelora"
     base: str = "checkpoints/SpikeGPT-216M.pth"
     model: str = "small"
+    init: str = "rwkv"
     protocol: str = "default"
     seed: int = 0
     seeds: str | None = None
@@ -48,6 +53,8 @@ class RunOptions:
     def __post_init__(self) -> None:
         if self.adapter not in ADAPTERS:
             raise ValueError(f"adapter must be one of {ADAPTERS}, got {self.adapter!r}")
+        if self.init not in SCRATCH_INITS:
+            raise ValueError(f"init must be one of {SCRATCH_INITS}, got {self.init!r}")
         if self.select not in SELECTIONS:
             raise ValueError(f"select must be one of {SELECTIONS}, got {self.select!r}")
         if self.head_init_std is not None and not self.head_init_std > 0:

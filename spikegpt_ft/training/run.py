@@ -134,7 +134,7 @@ def make_module(spec: TrainSpec, seed: int, dm) -> tuple[SpikeGPTModule, Any]:
     import lightning as L
 
     L.seed_everything(seed, workers=True, verbose=False)
-    model, base = build_base(spec.run.base, spec.run.model)
+    model, base = build_base(spec.run.base, spec.run.model, spec.run.init)
     frozen_official = spec.adapter is not None and base.pretrained
     if spec.run.is_lm:
         model = build_language_model(model, spec.adapter)
