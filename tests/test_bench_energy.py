@@ -11,6 +11,7 @@ from helpers import tiny_model
 
 from spikegpt_ft.adapters import attach_adapters
 from spikegpt_ft.model import SpikeGPTConfig
+from spikegpt_ft.ops.linear import product_kernel
 from spikegpt_ft.tools import bench, energy
 
 TINY = ["--layers", "1", "--embd", "32", "--vocab", "97", "--repeats", "2", "--warmup", "1"]
@@ -47,6 +48,10 @@ def test_bench_all_tiny_writes_json(tmp_path, capsys):
         assert r["weight_bytes"] == 4 * TINY_LINEAR_PARAMS  # float32
         assert r["weight_read_ms"] > 0
         assert r["step_over_weight_read"] == pytest.approx(r["median_ms"] / r["weight_read_ms"])
+        assert r["kernel"] == "torch"  # float32 weights: PyTorch's product
+        flops = 2 * TINY_LINEAR_PARAMS * r["shape"]["B"]
+        assert r["linear_gflop_per_s"] == pytest.approx(flops / r["median_ms"] / 1e6)
+        assert set(r["matmul_gflop_per_s"]) == {"bfloat16", "float32"} and min(r["matmul_gflop_per_s"].values()) > 0
     train = {r["name"]: r for r in data["results"] if r["section"] == "train"}
     assert train["lora_r2_step"]["trainable_params"] < train["full_finetune_step"]["trainable_params"]
     # the printed table shows the read time and the ratio beside the recurrent rows only
@@ -64,6 +69,9 @@ def test_bench_recurrent_bf16_weights():
     assert [r["weights_dtype"] for r in results] == ["bfloat16", "bfloat16"]
     assert [r["state_dtype"] for r in results] == ["float32", "float32"]
     assert [r["weight_bytes"] for r in results] == [2 * TINY_LINEAR_PARAMS] * 2
+    # the kernel the CPU inference layers chose for each batch, as they choose it
+    assert [r["kernel"] for r in results] == [product_kernel(1, torch.bfloat16), product_kernel(3, torch.bfloat16)]
+    assert results[0]["kernel"].startswith("stream-")
 
 
 def test_bench_random_model_fires():

