@@ -36,10 +36,14 @@ def gate_tables(runs_dir: Path) -> dict[str, dict[tuple[str, int | None], float]
     return {gate: {k: statistics.fmean(v) for k, v in table.items()} for gate, table in samples.items()}
 
 
+def table_axes(table: dict[tuple[str, int | None], float]) -> tuple[list[str], list[int]]:
+    """The modules (rows) and blocks (columns) of a gate's table; the head (block None) is in neither."""
+    return sorted({m for m, b in table if b is not None}), sorted({b for _, b in table if b is not None})
+
+
 def markdown(gate: str, table: dict[tuple[str, int | None], float]) -> str:
     """One gate's sparsities as a Markdown table: a row per module, a column per block."""
-    modules = sorted({m for m, b in table if b is not None})
-    blocks = sorted({b for _, b in table if b is not None})
+    modules, blocks = table_axes(table)
     lines = [f"| {gate} gate | " + " | ".join(f"block {b}" for b in blocks) + " |"]
     lines.append("| --- |" + " ---: |" * len(blocks))
     for module in modules:
@@ -60,8 +64,7 @@ def plot(tables: dict[str, dict[tuple[str, int | None], float]], out: Path) -> N
 
     fig, axes = plt.subplots(1, len(tables), figsize=(4.5 * len(tables), 3.6), squeeze=False)
     for ax, (gate, table) in zip(axes[0], sorted(tables.items()), strict=True):
-        modules = sorted({m for m, b in table if b is not None})
-        blocks = sorted({b for _, b in table if b is not None})
+        modules, blocks = table_axes(table)
         grid = [[table.get((m, b), float("nan")) for b in blocks] for m in modules]
         image = ax.imshow(grid, vmin=0.0, vmax=1.0, cmap="viridis", aspect="auto")
         for i, row in enumerate(grid):

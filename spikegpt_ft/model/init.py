@@ -113,7 +113,7 @@ def init_scratch(model: SpikeGPT, scheme: str = "rwkv") -> SpikeGPT:
         ffn.time_mix_k.copy_(x**r1_0)
         ffn.time_mix_r.copy_(x**r1_0)
     matrices = {
-        f"blocks.{i}.{name}": getattr(getattr(block, name.split(".")[0]), name.split(".")[1])
+        f"blocks.{i}.{name}": block.get_submodule(name)
         for i, block in enumerate(model.blocks)
         for name in ("att.key", "att.value", "att.receptance", "att.output", "ffn.key", "ffn.receptance", "ffn.value")
     }

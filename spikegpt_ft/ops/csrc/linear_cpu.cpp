@@ -155,16 +155,19 @@ bool cpu_has_avx2_fma() {
 #endif
 }
 
-void check_weight(const torch::Tensor& x, const torch::Tensor& weight, const std::optional<torch::Tensor>& scale,
-                  const std::optional<torch::Tensor>& bias, const char* op) {
-  TORCH_CHECK(x.device().is_cpu() && weight.device().is_cpu(), op, ": CPU tensors only");
-  TORCH_CHECK(x.dim() == 2 && weight.dim() == 2 && x.size(1) == weight.size(1), op,
-              ": x must be [M, K] and weight [N, K]");
+void check_inputs(const torch::Tensor& x, const torch::Tensor& weight, const std::optional<torch::Tensor>& scale,
+                  const std::optional<torch::Tensor>& bias) {
+  TORCH_CHECK(x.device().is_cpu() && weight.device().is_cpu(), "stream_linear: CPU tensors only");
+  TORCH_CHECK(x.dim() == 2 && weight.dim() == 2 && x.size(1) == weight.size(1),
+              "stream_linear: x must be [M, K] and weight [N, K]");
+  TORCH_CHECK(x.scalar_type() == torch::kFloat32 || x.scalar_type() == torch::kBFloat16,
+              "stream_linear: x must be float32 or bfloat16");
   const auto kind = weight.scalar_type();
-  TORCH_CHECK(kind == torch::kBFloat16 || kind == torch::kChar, op, ": the weight must be bfloat16 or int8");
-  TORCH_CHECK((kind == torch::kChar) == scale.has_value(), op, ": int8 weights need a scale, bfloat16 ones none");
-  TORCH_CHECK(!scale || scale->numel() == weight.size(0), op, ": the scale must have one value per output");
-  TORCH_CHECK(!bias || bias->numel() == weight.size(0), op, ": the bias must have one value per output");
+  TORCH_CHECK(kind == torch::kBFloat16 || kind == torch::kChar, "stream_linear: the weight must be bfloat16 or int8");
+  TORCH_CHECK((kind == torch::kChar) == scale.has_value(),
+              "stream_linear: int8 weights need a scale, bfloat16 ones none");
+  TORCH_CHECK(!scale || scale->numel() == weight.size(0), "stream_linear: the scale must have one value per output");
+  TORCH_CHECK(!bias || bias->numel() == weight.size(0), "stream_linear: the bias must have one value per output");
 }
 
 std::optional<torch::Tensor> as_float(const std::optional<torch::Tensor>& t) {
@@ -226,9 +229,7 @@ std::vector<std::string> linear_kernels_cpu() {
 // Returns [M, N] in x's dtype. `kernel`: "auto" (the best this CPU runs), "avx2" or "portable".
 torch::Tensor stream_linear_cpu(torch::Tensor x, torch::Tensor weight, std::optional<torch::Tensor> scale,
                                 std::optional<torch::Tensor> bias, const std::string& kernel) {
-  check_weight(x, weight, scale, bias, "stream_linear");
-  TORCH_CHECK(x.scalar_type() == torch::kFloat32 || x.scalar_type() == torch::kBFloat16,
-              "stream_linear: x must be float32 or bfloat16");
+  check_inputs(x, weight, scale, bias);
   TORCH_CHECK(kernel == "auto" || kernel == "avx2" || kernel == "portable", "stream_linear: unknown kernel '",
               kernel, "' (auto, avx2 or portable)");
   TORCH_CHECK(kernel != "avx2" || cpu_has_avx2_fma(), "stream_linear: this CPU has no AVX2 and FMA");

@@ -137,8 +137,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "(gw[B*chunks,C], gu[B*chunks,C], gk, gv, gr)");
   m.def("linear_kernels", &linear_kernels_cpu, "the streaming product kernels this CPU runs, best first");
   m.def("stream_linear", &stream_linear_cpu,
-        "linear, streaming the weights (cpu): (x[M,K], weight[N,K] bf16 or int8, scale[N] (int8) or None, bias[N] or None, "
-        "kernel 'auto'|'avx2'|'portable') -> y[M,N] in x's dtype");
+        "linear, streaming the weights (cpu): (x[M,K], weight[N,K] bf16 or int8, scale[N] (int8) or None, "
+        "bias[N] or None, kernel 'auto'|'avx2'|'portable') -> y[M,N] in x's dtype");
   m.def("lif_forward", &lif_forward_cpu,
         "LIF forward (cpu): (x[T,*S], v0[S], tau, v_threshold, v_reset) -> (spikes[T,*S], v_last[S], h[T,*S])");
   m.def("lif_backward", &lif_backward_cpu,
