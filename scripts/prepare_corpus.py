@@ -24,6 +24,8 @@ import zipfile
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
+from spikegpt_ft.files import atomic_write
+
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 _PUNCT = re.compile(r"([.,;:!?()\"\[\]]|--)")
 _MARKUP = re.compile(r"[*_`#]")
@@ -114,10 +116,8 @@ def main() -> None:
     documents, dropped = drop_overlap(reviews + [s for s in scenes if s], subj, args.overlap_words)
     if args.max_words is not None:
         documents = cap_words(documents, args.max_words)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = args.out.with_suffix(".tmp")
-    tmp.write_text("".join(d + "\n" for d in documents), encoding="utf-8")
-    tmp.replace(args.out)
+    text = "".join(d + "\n" for d in documents)
+    atomic_write(args.out, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
     words = sum(len(d.split()) for d in documents)
     print(
         f"{args.out}: {len(documents)} documents, {words} words (of {len(scenes)} scenes and {len(reviews)} review "
