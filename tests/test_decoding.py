@@ -164,21 +164,39 @@ def test_bad_construction_and_foreign_states_are_refused(model):
 
 
 def test_generation_and_streaming_through_the_stepper_match_model_step(monkeypatch):
-    """inference's CUDA branch (the stepper) run on the CPU: same tokens and predictions as model.step."""
+    """generate and stream step through a GraphedStepper (compiled on the CPU): the tokens and running
+    predictions of a plain model.step loop written here."""
+    from spikegpt_ft.inference.generate import sample_next
+
     lm = tiny_model(vocab=VOCAB, seed=3)
     clf = tiny_model(vocab=VOCAB, seed=4)
     clf.reset_head(2)
     prompt, text = [5, 9, 42, 7], token_rows(15, 1, seed=6)[:, 0].tolist()
-    greedy = inference.generate(lm, prompt, 12, temperature=0.0)
-    sampled = inference.generate(lm, prompt, 12, temperature=1.0, generator=torch.Generator().manual_seed(1))
-    running = torch.stack(list(inference.stream(clf, text)))
+
+    def plain_generate(temperature: float, generator=None) -> list[int]:
+        with torch.no_grad():
+            logits, state = lm.prefill(torch.tensor([prompt]), lm.init_state(1))
+            logits, out = logits[0, -1], []
+            for _ in range(12):
+                out.append(sample_next(logits, temperature, 1.0, generator))
+                logits, state = lm.step(torch.tensor(out[-1:]), state)
+                logits = logits[0]
+        return out
+
+    with torch.no_grad():
+        state, running = clf.init_state(1), []
+        for token in text:
+            logits, state = clf.step(torch.tensor([token]), state)
+            running.append(torch.softmax(logits[0], dim=-1))
     built = []
-    monkeypatch.setattr(stepping, "uses_graph", lambda device: built.append(device) or True)
-    assert inference.generate(lm, prompt, 12, temperature=0.0) == greedy
-    assert inference.generate(lm, prompt, 12, temperature=1.0, generator=torch.Generator().manual_seed(1)) == sampled
-    torch.testing.assert_close(torch.stack(list(inference.stream(clf, text))), running, atol=1e-6, rtol=0)
-    assert len(built) == 3  # one stepper per call, built at the first token it steps
-    assert inference.generate(lm, prompt, 1, temperature=0.0) == greedy[:1] and len(built) == 3  # no step: none
+    real = stepping.GraphedStepper
+    monkeypatch.setattr(stepping, "GraphedStepper", lambda *a, **k: built.append(real(*a, **k)) or built[-1])
+    assert inference.generate(lm, prompt, 12, temperature=0.0) == plain_generate(0.0)
+    sampled = inference.generate(lm, prompt, 12, temperature=1.0, generator=torch.Generator().manual_seed(1))
+    assert sampled == plain_generate(1.0, torch.Generator().manual_seed(1))
+    torch.testing.assert_close(torch.stack(list(inference.stream(clf, text))), torch.stack(running), atol=0, rtol=0)
+    assert len(built) == 3 and all(s.uses_compiled_step for s in built)  # one stepper per call, compiled
+    assert inference.generate(lm, prompt, 1, temperature=0.0) == plain_generate(0.0)[:1] and len(built) == 3
 
 
 def test_bench_records_whether_a_graph_was_used_and_refuses_one_on_the_cpu():
@@ -187,6 +205,8 @@ def test_bench_records_whether_a_graph_was_used_and_refuses_one_on_the_cpu():
     tiny = ["--layers", "1", "--embd", "32", "--vocab", "97", "--repeats", "2", "--warmup", "1",
             "--rec-steps", "2", "--rec-batch", "3", "--rec-batch-steps", "2"]  # fmt: skip
     results = bench.main(["recurrent", "--device", "cpu", *tiny])
-    assert [r["cuda_graph"] for r in results] == [False, False]
+    assert [(r["cuda_graph"], r["step"]) for r in results] == [(False, "compiled"), (False, "compiled")]
+    results = bench.main(["recurrent", "--device", "cpu", "--eager", *tiny])
+    assert [r["step"] for r in results] == ["model.step", "model.step"]
     with pytest.raises(SystemExit, match="--cuda-graph needs --device cuda"):
         bench.main(["recurrent", "--device", "cpu", "--cuda-graph", *tiny])

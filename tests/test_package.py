@@ -117,8 +117,8 @@ def test_a_wheel_installed_away_from_the_checkout_runs_the_compiled_kernels(tmp_
     assert built.returncode == 0, built.stderr[-3000:]
     (wheel,) = wheel_dir.glob("spikegpt_ft-*.whl")
     names = zipfile.ZipFile(wheel).namelist()
-    for source in ("ops.cpp", "wkv_cpu.cpp", "lif_cpu.cpp", "linear_cpu.cpp", "wkv_cuda.cu", "wkv_core.h",
-                   "wkv_cuda_kernels.cuh", "cpu_clones.h", "wkv_cuda.h"):  # fmt: skip
+    for source in ("ops.cpp", "wkv_cpu.cpp", "lif_cpu.cpp", "linear_cpu.cpp", "decode_cpu.cpp", "wkv_cuda.cu",
+                   "wkv_core.h", "wkv_cuda_kernels.cuh", "cpu_clones.h", "wkv_cuda.h"):  # fmt: skip
         assert f"spikegpt_ft/ops/csrc/{source}" in names, source
     assert "spikegpt_ft/protocols/spikelora-spikegpt.yaml" in names
     # the same wheel as last time stays installed as it is: ninja decides by the sources' times, which a new

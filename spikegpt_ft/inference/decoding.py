@@ -1,4 +1,4 @@
-"""Fast recurrent decoding: one ``model.step`` per token, replayed as a CUDA graph.
+"""Fast recurrent decoding: one ``model.step`` per token, replayed as a CUDA graph or, on the CPU, compiled.
 
 At batch 1 a SpikeGPT step is a few thousand small kernels (LayerNorms, token shifts, WKV, the
 SpikingJelly LIFs, the adapters), so on a GPU the host's time to launch them, not the GPU's time to run
@@ -6,8 +6,12 @@ them, sets the speed. :class:`GraphedStepper` keeps the token input, the logits 
 :class:`~spikegpt_ft.state.RecurrentState` in fixed buffers and advances them in place; on CUDA that
 in-place step is captured once as a ``torch.cuda.CUDAGraph`` and each token is one graph launch.
 
-The same in-place function runs eagerly on the CPU (or with ``use_graph=False``), so its buffer logic
-is what the CPU tests check; on CUDA the graph replays exactly those kernels.
+On the CPU the same overhead is Python's: a few microseconds per operation and module call. There the
+stepper runs the blocks in one compiled call (:func:`~spikegpt_ft.ops.decode.decode_blocks`, bitwise
+``model.step``'s result) when they are built of exactly the modules that call implements, without hooks;
+otherwise (adapters, spike monitors, other neurons) and with ``use_graph=False`` on CUDA it runs
+``model.step`` eagerly, whose buffer logic is what the CPU tests check; on CUDA the graph replays exactly
+those kernels.
 
 Written by hand rather than with ``torch.cuda.make_graphed_callables`` (which graphs autograd-aware
 callables over their explicit tensor inputs, not a state that is updated in place) or ``torch.compile``
@@ -20,6 +24,8 @@ What a graph captures is fixed at capture time: the model's modules and the memo
 - Parameters or modules **reassigned** after capture (``model.reset_head``, ``attach_adapters``,
   ``model.to(...)``, ``load_state_dict(..., assign=True)``) are not: the graph keeps reading the old
   tensors. Build a new stepper after such a change.
+- The compiled CPU step likewise holds the blocks' tensors from construction; a forward hook registered
+  later on a block's module sends each step back to ``model.step`` (which calls it).
 - The stepper runs the model in eval mode under ``torch.no_grad`` and counts every token in the adapters'
   sparsity counters (their token mask is set to ``None`` at construction); those counters are on-device
   buffers and keep counting during replay.
@@ -31,9 +37,12 @@ import contextlib
 from collections.abc import Sequence
 
 import torch
+import torch.nn.modules.module as module_hooks
 
 from ..adapters import sparsity
 from ..model import RecurrentState, SpikeGPT, check_token_ids
+from ..model.spikegpt import Block, ChannelMix, TimeMix
+from ..ops.decode import NEURONS, BlockOperands, block_operands, decode_blocks, unhooked
 
 #: Eager steps run on a side stream before capture (PyTorch's CUDA-graph recipe; lets lazy
 #: initialisation such as cuBLAS handles, Triton compilation and kernel selection happen outside the graph).
@@ -79,18 +88,51 @@ class GraphedStepper:
                 membranes={name: torch.zeros_like(v) for name, v in probe.membranes.items()},
                 signature=fresh.signature,
             )
+            self._compiled = None if self.uses_graph else compiled_step_operands(model, batch_size)
+            self._compiled_modules = [] if self._compiled is None else [m for b in model.blocks for m in b.modules()]
             if self.uses_graph:
                 self._capture()
             _copy_state(self._state, fresh)
+
+    @property
+    def uses_compiled_step(self) -> bool:
+        """Whether steps run the blocks in one compiled call (CPU, and blocks exactly as SpikeGPT builds them)."""
+        return self._compiled is not None
 
     def _on_device(self):
         return torch.cuda.device(self.device) if self.device.type == "cuda" else contextlib.nullcontext()
 
     def _advance(self) -> None:
         """The step that is captured: the model on the token buffer, results copied into the buffers."""
+        if self._compiled is not None and not self._hooked():
+            self._advance_compiled()
+            return
         logits, next_state = self.model.step(self._tokens, self._state, check_ids=False)
         self._logits.copy_(logits)
         _copy_state(self._state, next_state)
+
+    def _hooked(self) -> bool:
+        """Whether a forward hook sits on a block's module or on every module: the compiled step would skip it.
+
+        Reads torch's hook dictionaries (``nn.Module`` has no public accessor for them).
+        """
+        if module_hooks._global_forward_hooks or module_hooks._global_forward_pre_hooks:
+            return True
+        return any(m._forward_hooks or m._forward_pre_hooks for m in self._compiled_modules)
+
+    def _advance_compiled(self) -> None:
+        """``model.step`` with the blocks in one compiled call; the embedding, ``ln_out`` and head as modules."""
+        model, state = self.model, self._state
+        x = model.binarize(model.emb(self._tokens))
+        names = state.signature[2]
+        x, att_shift, ffn_shift, wkv, membranes = decode_blocks(
+            x, self._compiled, state.att_shift, state.ffn_shift, state.wkv, [state.membranes[n] for n in names]
+        )
+        self._logits.copy_(model.head(model.ln_out(x)))
+        # on the CPU nothing holds the buffers' addresses: the next state's tensors become the buffers
+        self._state = RecurrentState(
+            att_shift, ffn_shift, wkv, dict(zip(names, membranes, strict=True)), state.signature
+        )
 
     def _capture(self) -> None:
         current = torch.cuda.current_stream(self.device)
@@ -163,6 +205,32 @@ class GraphedStepper:
             membranes={name: v.clone() for name, v in s.membranes.items()},
             signature=s.signature,
         )
+
+
+def compiled_step_operands(model: SpikeGPT, batch_size: int) -> list[BlockOperands] | None:
+    """The operands of :func:`~spikegpt_ft.ops.decode.decode_blocks` for ``model``'s blocks, or ``None``.
+
+    ``None`` unless the model is on the CPU in float32 or bfloat16, every block is built of exactly the
+    modules SpikeGPT builds (no adapters, no subclasses, no forward hooks) and the model carries no
+    neurons but the blocks' two LIFs.
+    """
+    dtype = model.emb.weight.dtype
+    if (
+        type(model) is not SpikeGPT
+        or model.emb.weight.device.type != "cpu"
+        or dtype not in (torch.float32, torch.bfloat16)
+    ):
+        return None
+    for block in model.blocks:
+        if not (unhooked(block, Block) and unhooked(block.att, TimeMix) and unhooked(block.ffn, ChannelMix)):
+            return None
+        if not unhooked(block.drop, torch.nn.Dropout):
+            return None
+    carried = tuple(f"blocks.{i}.{name}" for i in range(len(model.blocks)) for name in NEURONS)
+    if tuple(model.carried_neurons()) != carried:
+        return None
+    operands = [block_operands(block, dtype, batch_size) for block in model.blocks]
+    return None if any(o is None for o in operands) or len({o.eps for o in operands}) > 1 else operands
 
 
 def _copy_state(dst: RecurrentState, src: RecurrentState) -> None:

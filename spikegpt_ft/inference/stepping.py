@@ -41,29 +41,16 @@ def as_token_lists(ids_list: Sequence[Sequence[int]] | Sequence[torch.Tensor]) -
     return out
 
 
-def uses_graph(device: torch.device) -> bool:
-    """Whether token-by-token decoding on ``device`` goes through a CUDA graph (on CUDA, where one exists)."""
-    return device.type == "cuda"
-
-
 def token_feeder(model: SpikeGPT, state: RecurrentState) -> Callable[[int], torch.Tensor]:
     """A function that feeds one token to the single sequence of ``state`` and returns its logits ``[V]``.
 
-    The state is carried inside. Call it (and build it) in eval mode under ``torch.no_grad``. Where
-    :func:`uses_graph`, the logits are a view of the stepper's buffer, valid until the next call.
+    The state is carried inside a :class:`GraphedStepper` (a CUDA graph on CUDA, the compiled step on the
+    CPU where the model allows it). Call it (and build it) in eval mode under ``torch.no_grad``. The logits
+    are a view of the stepper's buffer, valid until the next call.
     """
-    device = model.emb.weight.device
-    if uses_graph(device):
-        stepper = GraphedStepper(model, 1)
-        stepper.load_state(state)
-        return lambda token: stepper.step(torch.tensor([token]))[0]
-
-    def feed(token: int) -> torch.Tensor:
-        nonlocal state
-        logits, state = model.step(torch.tensor([token], device=device), state)
-        return logits[0]
-
-    return feed
+    stepper = GraphedStepper(model, 1)
+    stepper.load_state(state)
+    return lambda token: stepper.step(torch.tensor([token]))[0]
 
 
 def prefill(

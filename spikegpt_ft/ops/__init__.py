@@ -6,6 +6,8 @@
   giving bitwise SpikingJelly's spikes, membranes and gradients (``csrc/lif_cpu.cpp``).
 - :class:`Linear` and :class:`Int8Linear` (``linear.py``): linear layers whose small products on the CPU
   (decoding) run compiled kernels (``csrc/linear_cpu.cpp``).
+- :func:`~spikegpt_ft.ops.decode.decode_blocks` (``decode.py``): one recurrent step of a stack of blocks in
+  one compiled call, bitwise the modules' result, for CPU decoding (``csrc/decode_cpu.cpp``).
 - ``extension.py`` builds the one extension that holds them (ninja, at first use, cached).
 """
 

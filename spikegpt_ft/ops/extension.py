@@ -21,7 +21,7 @@ log = logging.getLogger(__name__)
 KERNEL_DIR = Path(__file__).resolve().parent / "csrc"
 
 #: The C++ sources of every build, bindings first.
-CPU_SOURCES = ("ops.cpp", "wkv_cpu.cpp", "lif_cpu.cpp", "linear_cpu.cpp")
+CPU_SOURCES = ("ops.cpp", "wkv_cpu.cpp", "lif_cpu.cpp", "linear_cpu.cpp", "decode_cpu.cpp")
 #: The CUDA sources added when a GPU build is possible.
 CUDA_SOURCES = ("wkv_cuda.cu",)
 

@@ -38,6 +38,18 @@ def _is_finite_number(value: object) -> bool:
     return isinstance(value, (int, float)) and math.isfinite(value)
 
 
+def _kernel_input(x_seq: object) -> bool:
+    """Whether ``x_seq`` is an input the kernel takes: a non-empty strided CPU float32 tensor ``[T, ...]``."""
+    return (
+        isinstance(x_seq, torch.Tensor)
+        and x_seq.dtype == torch.float32
+        and x_seq.device.type == "cpu"
+        and x_seq.layout == torch.strided
+        and x_seq.dim() >= 2
+        and x_seq.numel() > 0
+    )
+
+
 class _LIFFunction(torch.autograd.Function):
     """The compiled kernels as an autograd Function: ``(x [T, *S], v0 [*S]) -> (spikes [T, *S], v_last [*S])``."""
 
@@ -67,17 +79,11 @@ class CompiledLIFNode(neuron.LIFNode):
     for when the kernel is used and what it guarantees.
     """
 
-    def uses_kernel(self, x_seq: torch.Tensor) -> bool:
-        """Whether a multi-step forward of ``x_seq`` ``[T, ...]`` runs the compiled kernel (else SpikingJelly)."""
+    def kernel_settings(self) -> tuple[float, float, float] | None:
+        """``(tau, v_threshold, v_reset)`` where this neuron's settings are the kernel's, else ``None``."""
         sg = self.surrogate_function
-        return (
-            isinstance(x_seq, torch.Tensor)
-            and x_seq.device.type == "cpu"
-            and x_seq.dtype == torch.float32
-            and x_seq.layout == torch.strided
-            and x_seq.dim() >= 2
-            and x_seq.numel() > 0
-            and type(sg) is surrogate.ATan
+        if (
+            type(sg) is surrogate.ATan
             and sg.spiking
             and _is_finite_number(sg.alpha)
             and sg.alpha > 0
@@ -89,14 +95,20 @@ class CompiledLIFNode(neuron.LIFNode):
             and self.tau > 1
             and _is_finite_number(self.v_threshold)
             and _is_finite_number(self.v_reset)  # None (soft reset) is not a number
-        )
+        ):
+            return float(self.tau), float(self.v_threshold), float(self.v_reset)
+        return None
+
+    def uses_kernel(self, x_seq: torch.Tensor) -> bool:
+        """Whether a multi-step forward of ``x_seq`` ``[T, ...]`` runs the compiled kernel (else SpikingJelly)."""
+        return _kernel_input(x_seq) and self.kernel_settings() is not None
 
     def multi_step_forward(self, x_seq: torch.Tensor, *args: torch.Tensor, **kwargs: object) -> torch.Tensor:
         """Spikes ``[T, ...]`` for ``x_seq`` ``[T, ...]`` from the membrane ``self.v``; ``.v`` becomes the last one."""
-        if args or kwargs or not self.uses_kernel(x_seq):
+        settings = None if args or kwargs or not _kernel_input(x_seq) else self.kernel_settings()
+        if settings is None:
             return super().multi_step_forward(x_seq, *args, **kwargs)
         v0 = self.materialize_states((x_seq,), tuple(self._memories.values()), "m")[0]
-        settings = (float(self.tau), float(self.v_threshold), float(self.v_reset))
         if needs_autograd(x_seq, v0):
             spikes, v_last = _LIFFunction.apply(x_seq, v0, *settings, float(self.surrogate_function.alpha))
         else:

@@ -4,8 +4,8 @@ Decoding one sequence at a time reads every weight once per token, so on a CPU i
 memory. :class:`Linear` is the ``nn.Linear`` every SpikeGPT layer is built from; when it runs on the CPU in
 bfloat16 without gradients its product is chosen by what the CPU can do (:func:`product_kernel`):
 
-- ``stream``: the compiled streaming kernel (``csrc/linear_cpu.cpp``; AVX2+FMA where the CPU has them, else
-  portable C++). It reads each weight once and multiplies it with up to four rows of x from registers, block
+- ``stream``: the compiled streaming kernel (``csrc/linear_cpu.cpp``; AVX-512 or AVX2+FMA, the best the CPU
+  has, else portable C++). It reads each weight once and multiplies it with up to four rows of x from registers, block
   by block for more rows, so one decoded row gets bit for bit the value it gets in a parallel pass. It runs
   for any number of rows on CPUs without bfloat16 matrix arithmetic, where PyTorch's bfloat16 product is
   emulated (a quarter of the float32 rate, BENCHMARKS.md), and for up to :data:`STREAM_MAX_ROWS` rows on
@@ -46,12 +46,12 @@ def has_bf16_matrix_units() -> bool:
 
 @functools.cache
 def stream_kernel() -> str:
-    """The streaming kernel this CPU runs: ``avx2`` (AVX2 and FMA) or ``portable``."""
+    """The streaming kernel this CPU runs: ``avx512`` (AVX-512F), ``avx2`` (AVX2 and FMA) or ``portable``."""
     return extension().linear_kernels()[0]
 
 
 def product_kernel(rows: int, weight_dtype: torch.dtype) -> str:
-    """The product a CPU inference layer uses for ``rows`` rows: ``stream-avx2``, ``stream-portable`` or ``torch``."""
+    """The product a CPU inference layer uses for ``rows`` rows: ``stream-`` and :func:`stream_kernel`, or ``torch``."""
     if weight_dtype == torch.bfloat16 and rows > STREAM_MAX_ROWS and has_bf16_matrix_units():
         return "torch"
     return f"stream-{stream_kernel()}"
@@ -92,6 +92,19 @@ class Int8Linear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
 
 
+def streams(rows: int, x_dtype: torch.dtype, weight_dtype: torch.dtype) -> bool:
+    """Whether a :class:`Linear` inference product of ``rows`` rows on the CPU runs the streaming kernel.
+
+    bfloat16 input and weight, and the CPU's choice of kernel for that many rows (:func:`product_kernel`).
+    """
+    return (
+        x_dtype == torch.bfloat16
+        and weight_dtype == torch.bfloat16
+        and rows > 0
+        and product_kernel(rows, torch.bfloat16) != "torch"
+    )
+
+
 class Linear(nn.Linear):
     """SpikeGPT's linear layer: ``nn.Linear``, whose bfloat16 CPU inference product is :func:`product_kernel`'s.
 
@@ -101,15 +114,13 @@ class Linear(nn.Linear):
 
     def uses_kernel(self, x: torch.Tensor) -> bool:
         """Whether ``self(x)`` runs the streaming kernel (bfloat16 on the CPU, no gradient, the CPU's choice)."""
-        params = (self.weight,) if self.bias is None else (self.weight, self.bias)
+        # the dtype first: float32 layers, the training path, answer after one comparison
         return (
-            x.device.type == "cpu"
-            and x.dtype == torch.bfloat16
+            x.dtype == torch.bfloat16
+            and streams(x.numel() // self.in_features, x.dtype, self.weight.dtype)
+            and x.device.type == "cpu"
             and self.weight.device.type == "cpu"
-            and self.weight.dtype == torch.bfloat16
-            and x.numel() > 0
-            and not needs_autograd(x, *params)
-            and product_kernel(x.numel() // self.in_features, torch.bfloat16) != "torch"
+            and not needs_autograd(x, *((self.weight,) if self.bias is None else (self.weight, self.bias)))
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

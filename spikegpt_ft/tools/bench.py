@@ -1,8 +1,9 @@
 """Benchmarks: the WKV kernel, the LIF neuron, training steps, parallel forward and recurrent decoding.
 
 ``spikegpt-ft bench {wkv,lif,train,forward,recurrent,all} [--device cuda|cpu] [--dtype ...] [--json OUT]`` (or
-``python -m spikegpt_ft.tools.bench ...``; ``recurrent`` on CUDA replays each step as a CUDA graph;
-``--no-cuda-graph`` times eager ``model.step``).
+``python -m spikegpt_ft.tools.bench ...``; ``recurrent`` steps through
+:class:`~spikegpt_ft.inference.GraphedStepper`: on CUDA a CUDA graph, on the CPU the compiled step;
+``--eager`` times ``model.step`` itself).
 
 Every case is warmed up, then timed ``repeats`` times; the median is reported (and every sample is
 kept in the JSON). On CUDA each sample is bracketed by CUDA events and synchronised, and the peak
@@ -356,19 +357,23 @@ def bench_forward(args, device, dtype) -> list[dict]:
     ]
 
 
-def _decode_case(model: SpikeGPT, args, device, B: int, steps: int) -> list[float]:
+def _decode_case(model: SpikeGPT, args, device, B: int, steps: int) -> tuple[list[float], str]:
+    """Seconds per step of decoding ``B`` sequences, and the path the steps took (``compiled``, ``cuda-graph``,
+    ``modules``: the stepper; ``model.step`` with ``--eager``)."""
     # the ids are drawn in range, so neither path range-checks them per step (on CUDA that is a sync)
     g = torch.Generator().manual_seed(B)
     tokens = iter(torch.randint(0, args.vocab, (steps + args.warmup + 6, B), generator=g).to(device))
     with torch.inference_mode():
         _reset_peak(device)  # before capture, so that the graph's memory pool counts
-        if args.cuda_graph:
-            stepper = GraphedStepper(model, B, use_graph=True)
+        if not args.eager:
+            stepper = GraphedStepper(model, B, use_graph=args.cuda_graph)
+            path = "cuda-graph" if stepper.uses_graph else "compiled" if stepper.uses_compiled_step else "modules"
 
             def one():
                 stepper.step(next(tokens), check_ids=False)
 
         else:
+            path = "model.step"
             state = model.init_state(B)
 
             def one():
@@ -378,7 +383,7 @@ def _decode_case(model: SpikeGPT, args, device, B: int, steps: int) -> list[floa
         samples = time_fn(one, device, args.warmup, steps)
         if args.profile and B == 1:
             _profile(one, device, min(steps, 5))
-    return samples
+    return samples, path
 
 
 def linear_flops_per_row(model: nn.Module) -> int:
@@ -406,8 +411,10 @@ def bench_recurrent(args, device, dtype) -> list[dict]:
     and the step's linear-layer rate (``linear_gflop_per_s``: their FLOPs over the whole step's time) beside
     one large matrix product in bfloat16 and float32, measured in the same run (``matmul_gflop_per_s``).
 
-    With ``--cuda-graph`` (the default on CUDA) each step is one replay of a CUDA graph of ``model.step``
-    (:class:`~spikegpt_ft.inference.GraphedStepper`), else an eager ``model.step``; each row records which.
+    Each step goes through :class:`~spikegpt_ft.inference.GraphedStepper`, as decoding does: with
+    ``--cuda-graph`` (the default on CUDA) one replay of a CUDA graph of ``model.step``, on the CPU the
+    compiled step where the model allows it; ``--eager`` times ``model.step`` itself. Each row records
+    which (``step``).
     """
     model = random_model(args, device).eval()
     weights = "int8" if args.int8_weights else str(dtype).removeprefix("torch.")
@@ -424,7 +431,7 @@ def bench_recurrent(args, device, dtype) -> list[dict]:
     weight_dtype = torch.int8 if weights == "int8" else dtype
     results = []
     for B, steps in ((1, args.rec_steps), (args.rec_batch, args.rec_batch_steps)):
-        samples = _decode_case(model, args, device, B, steps)
+        samples, path = _decode_case(model, args, device, B, steps)
         med = statistics.median(samples)
         kernel = product_kernel(B, weight_dtype) if device.type == "cpu" and weights != "float32" else "torch"
         results.append(
@@ -438,7 +445,8 @@ def bench_recurrent(args, device, dtype) -> list[dict]:
                 tokens_per_s=B / med,
                 weights_dtype=weights,
                 state_dtype="float32",
-                cuda_graph=args.cuda_graph,
+                cuda_graph=path == "cuda-graph",
+                step=path,
                 kernel=kernel,
                 **read,
                 step_over_weight_read=med * 1e3 / read["weight_read_ms"],
@@ -481,7 +489,7 @@ def format_table(results: list[dict]) -> str:
     """A plain-text table of the results."""
     rows = [
         ("section", "case", "shape", "median ms", "min ms", "throughput", "peak MiB", "cpu ms/call", "load",
-         "weight read ms", "step/read", "kernel", "linear GFLOP/s (bf16 / fp32 matmul)"),
+         "weight read ms", "step/read", "step", "kernel", "linear GFLOP/s (bf16 / fp32 matmul)"),
     ]  # fmt: skip
     for r in results:
         shape = "x".join(f"{k}{v}" for k, v in r["shape"].items())
@@ -499,6 +507,7 @@ def format_table(results: list[dict]) -> str:
                 f"{r['load_average_after']:.2f}" if r["load_average_after"] is not None else "",
                 f"{r['weight_read_ms']:.3f}" if "weight_read_ms" in r else "",
                 f"{r['step_over_weight_read']:.2f}" if "step_over_weight_read" in r else "",
+                r.get("step", ""),
                 r.get("kernel", ""),
                 _rates_text(r),
             )
@@ -540,6 +549,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--cuda-graph",
         action=argparse.BooleanOptionalAction,
         help="recurrent: replay each step as a CUDA graph (default on CUDA; CUDA only)",
+    )
+    p.add_argument(
+        "--eager",
+        action="store_true",
+        help="recurrent: time model.step itself instead of the stepper (GraphedStepper) that decoding uses",
     )
     p.add_argument(
         "--int8-weights",
