@@ -14,6 +14,7 @@ from helpers import tiny_model
 from spikegpt_ft.adapters import attach_adapters
 from spikegpt_ft.inference import GraphedStepper, cast_weights
 from spikegpt_ft.inference.decoding import compiled_step_operands
+from spikegpt_ft.ops import linear as linear_ops
 from spikegpt_ft.ops.decode import block_operands, decode_blocks
 
 VOCAB, STEPS = 61, 6
@@ -53,6 +54,20 @@ def test_compiled_step_is_bitwise_model_step(precision, batch):
             fired += sum(int(v.eq(0).sum()) for v in state.membranes.values())  # reset after a spike
         assert_identical_states(stepper.state(), state)
     assert fired > 0  # the neurons spiked: the LIF path was exercised, not only the linear layers
+
+
+@pytest.mark.parametrize("matrix_units", [True, False])
+def test_both_products_of_many_bfloat16_rows_are_those_of_the_modules(matrix_units, monkeypatch):
+    """64 rows: oneDNN's product where the CPU has bfloat16 matrix units, the streaming kernel where not."""
+    monkeypatch.setattr(linear_ops, "has_bf16_matrix_units", lambda: matrix_units)
+    model = model_in("bfloat16")
+    operands = compiled_step_operands(model, 64)
+    assert all(o.stream == (not matrix_units,) * 7 for o in operands)
+    with torch.no_grad():
+        stepper, state = GraphedStepper(model, 64), model.init_state(64)
+        for row in tokens(64, seed=9):
+            expected, state = model.step(row, state)
+            assert torch.equal(stepper.step(row), expected)
 
 
 def test_neurons_at_rest_start_from_v_reset():
