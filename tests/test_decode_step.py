@@ -149,3 +149,23 @@ def test_blocks_outside_the_kernel_settings_are_not_compiled():
     model.blocks[0].ln1.eps = model.blocks[0].ln2.eps
     model.half()  # a dtype the step does not take
     assert compiled_step_operands(model, 1) is None
+
+
+@pytest.mark.parametrize("precision", ["float32", "bfloat16"])
+def test_recurrent_classification_runs_compiled_with_model_steps_results(precision, monkeypatch):
+    """class_logits steps a shrinking batch: the compiled steps give what model.step gives on the same batch."""
+    import importlib
+
+    from spikegpt_ft.inference import class_logits
+
+    classify = importlib.import_module("spikegpt_ft.inference.classify")
+    model = model_in(precision, seed=2)
+    model.reset_head(3)  # in the model's dtype
+    texts = [torch.randint(0, VOCAB, (n,), generator=torch.Generator().manual_seed(n)).tolist() for n in (9, 4, 7, 1)]
+    calls = []
+    real = classify.compiled_step
+    monkeypatch.setattr(classify, "compiled_step", lambda *a: calls.append(a[2].shape[0]) or real(*a))
+    compiled = class_logits(model, texts, "recurrent")
+    assert sorted(set(calls)) == [1, 2, 3, 4]  # texts of 9, 7, 4 and 1 tokens leave the batch one by one
+    monkeypatch.setattr(classify, "compiled_step_operands", lambda *a: None)
+    assert torch.equal(compiled, class_logits(model, texts, "recurrent"))

@@ -121,18 +121,9 @@ class GraphedStepper:
         return any(m._forward_hooks or m._forward_pre_hooks for m in self._compiled_modules)
 
     def _advance_compiled(self) -> None:
-        """``model.step`` with the blocks in one compiled call; the embedding, ``ln_out`` and head as modules."""
-        model, state = self.model, self._state
-        x = model.binarize(model.emb(self._tokens))
-        names = state.signature[2]
-        x, att_shift, ffn_shift, wkv, membranes = decode_blocks(
-            x, self._compiled, state.att_shift, state.ffn_shift, state.wkv, [state.membranes[n] for n in names]
-        )
-        self._logits.copy_(model.head(model.ln_out(x)))
+        logits, self._state = compiled_step(self.model, self._compiled, self._tokens, self._state)
         # on the CPU nothing holds the buffers' addresses: the next state's tensors become the buffers
-        self._state = RecurrentState(
-            att_shift, ffn_shift, wkv, dict(zip(names, membranes, strict=True)), state.signature
-        )
+        self._logits.copy_(logits)
 
     def _capture(self) -> None:
         current = torch.cuda.current_stream(self.device)
@@ -231,6 +222,29 @@ def compiled_step_operands(model: SpikeGPT, batch_size: int) -> list[BlockOperan
         return None
     operands = [block_operands(block, dtype, batch_size) for block in model.blocks]
     return None if any(o is None for o in operands) or len({o.eps for o in operands}) > 1 else operands
+
+
+def compiled_step(
+    model: SpikeGPT, operands: list[BlockOperands], tokens: torch.Tensor, state: RecurrentState
+) -> tuple[torch.Tensor, RecurrentState]:
+    """``model.step(tokens, state)`` with the blocks in one compiled call: the same logits and next state, bitwise.
+
+    ``operands`` are :func:`compiled_step_operands` of ``model`` for ``len(tokens)`` rows; ``state`` is one of
+    this model's (``init_state``, ``prefill``, ``step``). The embedding, ``ln_out`` and the head run as modules.
+    Call it without gradients.
+    """
+    names = state.signature[2]
+    if len(names) != 2 * len(operands) or state.batch_size != tokens.shape[0]:
+        raise ValueError(
+            f"compiled_step: a state of {state.batch_size} sequences and {len(names)} neurons for "
+            f"{tokens.shape[0]} tokens and {len(operands)} blocks"
+        )
+    x = model.binarize(model.emb(tokens))
+    x, att_shift, ffn_shift, wkv, membranes = decode_blocks(
+        x, operands, state.att_shift, state.ffn_shift, state.wkv, [state.membranes[n] for n in names]
+    )
+    next_state = RecurrentState(att_shift, ffn_shift, wkv, dict(zip(names, membranes, strict=True)), state.signature)
+    return model.head(model.ln_out(x)), next_state
 
 
 def _copy_state(dst: RecurrentState, src: RecurrentState) -> None:
