@@ -18,10 +18,16 @@ from pathlib import Path
 from spikegpt_ft.tools.report import find_runs
 
 _BLOCK = re.compile(r"^blocks\.(\d+)\.(.+)$")
+_BLOCK_MEAN = re.compile(r"^blocks\.(\d+)$")
+#: The row of each block's mean over its adapted modules (the meter's ``"blocks.N"``), last in a table.
+BLOCK_MEAN = "mean of the block"
 
 
 def gate_tables(runs_dir: Path) -> dict[str, dict[tuple[str, int | None], float]]:
-    """Per gate: (module, block or None for the head) -> test sparsity, averaged over that gate's seeds."""
+    """Per gate: (module, block or None for the head) -> test sparsity, averaged over that gate's seeds.
+
+    Each block's mean over its modules is the module :data:`BLOCK_MEAN` of that block.
+    """
     samples: dict[str, dict[tuple[str, int | None], list[float]]] = defaultdict(lambda: defaultdict(list))
     for _, metrics in find_runs(runs_dir):
         per_module = metrics.get("test_sparsity_per_module")
@@ -30,15 +36,22 @@ def gate_tables(runs_dir: Path) -> dict[str, dict[tuple[str, int | None], float]
         for name, value in per_module.items():
             if name == "mean":
                 continue
-            match = _BLOCK.match(name)
-            key = (match.group(2), int(match.group(1))) if match else (name, None)
+            match, mean = _BLOCK.match(name), _BLOCK_MEAN.match(name)
+            key = (
+                (match.group(2), int(match.group(1)))
+                if match
+                else (BLOCK_MEAN, int(mean.group(1)))
+                if mean
+                else (name, None)
+            )
             samples[str(metrics.get("gate"))][key].append(float(value))
     return {gate: {k: statistics.fmean(v) for k, v in table.items()} for gate, table in samples.items()}
 
 
 def table_axes(table: dict[tuple[str, int | None], float]) -> tuple[list[str], list[int]]:
     """The modules (rows) and blocks (columns) of a gate's table; the head (block None) is in neither."""
-    return sorted({m for m, b in table if b is not None}), sorted({b for _, b in table if b is not None})
+    modules = sorted({m for m, b in table if b is not None}, key=lambda m: (m == BLOCK_MEAN, m))
+    return modules, sorted({b for _, b in table if b is not None})
 
 
 def markdown(gate: str, table: dict[tuple[str, int | None], float]) -> str:

@@ -78,7 +78,8 @@ def test_heatmap_averages_the_seeds_of_each_gate(tmp_path):
         run.mkdir()
         metrics = {
             "task": "subj", "adapter": "spikelora", "gate": "pointwise", "seed": seed, "test_accuracy": 0.9,
-            "test_sparsity_per_module": {"blocks.0.att.key": value, "blocks.1.att.key": 1.0, "head": 0.5, "mean": 0.6},
+            "test_sparsity_per_module": {"blocks.0.att.key": value, "blocks.1.att.key": 1.0, "blocks.0.ffn.key": 0.1,
+                                         "blocks.0": 0.5 * (value + 0.1), "head": 0.5, "mean": 0.6},
         }  # fmt: skip
         (run / "metrics.json").write_text(json.dumps(metrics))
     tables = heatmap.gate_tables(tmp_path)
@@ -87,5 +88,7 @@ def test_heatmap_averages_the_seeds_of_each_gate(tmp_path):
     assert tables["pointwise"][("head", None)] == pytest.approx(0.5)
     text = heatmap.markdown("pointwise", tables["pointwise"])
     assert "| att.key | 0.300 | 1.000 |" in text and "| head | 0.500 |" in text
+    assert tables["pointwise"][("mean of the block", 0)] == pytest.approx(0.2)  # the blocks' means: one row
+    assert text.splitlines()[-2] == "| mean of the block | 0.200 | – |" and "| blocks.0 |" not in text
     heatmap.plot(tables, tmp_path / "sparsity.png")
     assert (tmp_path / "sparsity.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
