@@ -1,4 +1,5 @@
-"""The scripts behind RESULTS.md: the corpus preparation and the sparsity heatmap."""
+"""The scripts behind RESULTS.md and BENCHMARKS.md: the corpus preparation, the sparsity heatmap, the official
+runner's benchmark."""
 
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ def _script(name: str):
 
 corpus = _script("prepare_corpus")
 heatmap = _script("sparsity_heatmap")
+official = _script("bench_official_recurrent")
 
 PLAY = """# A Play
 
@@ -92,3 +94,9 @@ def test_heatmap_averages_the_seeds_of_each_gate(tmp_path):
     assert text.splitlines()[-2] == "| mean of the block | 0.200 | – |" and "| blocks.0 |" not in text
     heatmap.plot(tables, tmp_path / "sparsity.png")
     assert (tmp_path / "sparsity.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_the_official_benchmark_refuses_a_folder_that_is_no_spikegpt_checkout(tmp_path, monkeypatch):
+    monkeypatch.setattr("sys.argv", ["bench_official_recurrent.py", "--official", str(tmp_path)])
+    with pytest.raises(SystemExit, match="is not a SpikeGPT checkout"):
+        official.main()
