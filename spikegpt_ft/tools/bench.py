@@ -391,6 +391,31 @@ def linear_flops_per_row(model: nn.Module) -> int:
     return sum(2 * w.numel() for w in linear_weights(model) if w.dim() == 2)
 
 
+def time_products(model: nn.Module, device: torch.device, warmup: int, repeats: int) -> dict:
+    """Milliseconds of one row through every linear layer of ``model`` in model order, with nothing else.
+
+    ``products_ms``: the layers themselves (the product kernel they choose, module calls included);
+    ``torch_products_ms``: ``F.linear`` by the same weights (bfloat16 or float32 layers; ``None`` for int8).
+    The step's time minus ``products_ms`` is what the step spends outside its linear layers.
+    """
+    layers = [m for m in model.modules() if isinstance(m, nn.Linear | Int8Linear)]
+    dtype = model.emb.weight.dtype
+    g = torch.Generator().manual_seed(0)
+    rows = [torch.randn(1, m.in_features, generator=g).to(device, dtype) for m in layers]
+    plain = all(isinstance(m, nn.Linear) for m in layers)
+    with torch.inference_mode():
+        ours = time_fn(lambda: [m(x) for m, x in zip(layers, rows, strict=True)], device, warmup, repeats)
+        torch_samples = (
+            time_fn(lambda: [F.linear(x, m.weight) for m, x in zip(layers, rows, strict=True)], device, warmup, repeats)
+            if plain
+            else None
+        )
+    return {
+        "products_ms": statistics.median(ours) * 1e3,
+        "torch_products_ms": None if torch_samples is None else statistics.median(torch_samples) * 1e3,
+    }
+
+
 def time_matmul_rate(dtype: torch.dtype, device: torch.device, warmup: int, repeats: int) -> float:
     """GFLOP/s of one large ``F.linear`` in ``dtype`` (512 x 768 by 768 x 3072, compute-bound): what the
     machine's matrix product reaches in that dtype, measured beside the step it is compared with."""
@@ -423,6 +448,7 @@ def bench_recurrent(args, device, dtype) -> list[dict]:
     else:
         model.to(dtype)
     read = time_weight_read(model, device, args.warmup, max(args.repeats, 5))
+    products = time_products(model, device, args.warmup, max(args.repeats, 5))
     rates = {
         name: time_matmul_rate(d, device, args.warmup, max(args.repeats, 5))
         for name, d in (("bfloat16", torch.bfloat16), ("float32", torch.float32))
@@ -449,6 +475,7 @@ def bench_recurrent(args, device, dtype) -> list[dict]:
                 step=path,
                 kernel=kernel,
                 **read,
+                **(products if B == 1 else {}),
                 step_over_weight_read=med * 1e3 / read["weight_read_ms"],
                 linear_gflop_per_s=flops * B / med / 1e9,
                 matmul_gflop_per_s=rates,
@@ -478,6 +505,13 @@ RUNNERS = {
 # --------------------------------------------------------------------------------------------- CLI
 
 
+def _products_text(r: dict) -> str:
+    if "products_ms" not in r:
+        return ""
+    torch_ms = r["torch_products_ms"]
+    return f"{r['products_ms']:.2f}" + ("" if torch_ms is None else f" ({torch_ms:.2f})")
+
+
 def _rates_text(r: dict) -> str:
     if "linear_gflop_per_s" not in r:
         return ""
@@ -489,7 +523,8 @@ def format_table(results: list[dict]) -> str:
     """A plain-text table of the results."""
     rows = [
         ("section", "case", "shape", "median ms", "min ms", "throughput", "peak MiB", "cpu ms/call", "load",
-         "weight read ms", "step/read", "step", "kernel", "linear GFLOP/s (bf16 / fp32 matmul)"),
+         "weight read ms", "step/read", "products ms (F.linear)", "step", "kernel",
+         "linear GFLOP/s (bf16 / fp32 matmul)"),
     ]  # fmt: skip
     for r in results:
         shape = "x".join(f"{k}{v}" for k, v in r["shape"].items())
@@ -507,6 +542,7 @@ def format_table(results: list[dict]) -> str:
                 f"{r['load_average_after']:.2f}" if r["load_average_after"] is not None else "",
                 f"{r['weight_read_ms']:.3f}" if "weight_read_ms" in r else "",
                 f"{r['step_over_weight_read']:.2f}" if "step_over_weight_read" in r else "",
+                _products_text(r),
                 r.get("step", ""),
                 r.get("kernel", ""),
                 _rates_text(r),
