@@ -23,6 +23,7 @@ def _script(name: str):
 corpus = _script("prepare_corpus")
 heatmap = _script("sparsity_heatmap")
 official = _script("bench_official_recurrent")
+counts = _script("count_baselines")
 
 PLAY = """# A Play
 
@@ -100,3 +101,17 @@ def test_the_official_benchmark_refuses_a_folder_that_is_no_spikegpt_checkout(tm
     monkeypatch.setattr("sys.argv", ["bench_official_recurrent.py", "--official", str(tmp_path)])
     with pytest.raises(SystemExit, match="is not a SpikeGPT checkout"):
         official.main()
+
+
+def test_count_baselines_score_every_test_target_by_hand_computed_probabilities():
+    import math
+
+    train, test, vocab = [1, 2, 1, 3], [1, 2, 4], 5
+    # unigram add-one over 4 training tokens and 5 ids: p(2) = 2/9, p(4) = 1/9
+    # bigram: 1 -> 2 once of 1's two successors; 2 -> 1 once, never 2 -> 4: only the unigram's share
+    got = counts.perplexities(train, test, vocab, bigram_weight=0.5)
+    assert got["targets"] == 2
+    assert got["unigram"] == pytest.approx(math.exp(-(math.log(2 / 9) + math.log(1 / 9)) / 2))
+    p_bigram_2 = 0.5 * (1 / 2) + 0.5 * (2 / 9)
+    p_bigram_4 = 0.5 * 0 + 0.5 * (1 / 9)
+    assert got["bigram"] == pytest.approx(math.exp(-(math.log(p_bigram_2) + math.log(p_bigram_4)) / 2))
