@@ -11,7 +11,7 @@ import pytest
 import torch
 from helpers import tiny_model
 
-from spikegpt_ft.adapters import attach_adapters
+from spikegpt_ft.adapters import SparsityMeter, attach_adapters, merge_adapters
 from spikegpt_ft.inference import GraphedStepper, cast_weights
 from spikegpt_ft.inference.decoding import compiled_step_operands
 from spikegpt_ft.ops import linear as linear_ops
@@ -26,6 +26,19 @@ def model_in(precision: str, n_embd: int = 24, n_layer: int = 3, seed: int = 0):
 
 def tokens(batch: int, seed: int = 0) -> torch.Tensor:
     return torch.randint(0, VOCAB, (STEPS, batch), generator=torch.Generator().manual_seed(seed))
+
+
+def slots(model, state) -> list:
+    """The membranes in decode_blocks' layout for a model without adapters: seven empty gate slots, lif1, lif2."""
+    return [
+        x
+        for i in range(len(model.blocks))
+        for x in [None] * 7 + [state.membranes[f"blocks.{i}.lif{j}"] for j in (1, 2)]
+    ]
+
+
+def carried(membranes: list) -> list:
+    return [m for m in membranes if m is not None]
 
 
 def assert_identical_states(got, expected):
@@ -62,7 +75,7 @@ def test_both_products_of_many_bfloat16_rows_are_those_of_the_modules(matrix_uni
     monkeypatch.setattr(linear_ops, "has_bf16_matrix_units", lambda: matrix_units)
     model = model_in("bfloat16")
     operands = compiled_step_operands(model, 64)
-    assert all(o.stream == (not matrix_units,) * 7 for o in operands)
+    assert all(p.stream == (not matrix_units) for o in operands for p in o.products)
     with torch.no_grad():
         stepper, state = GraphedStepper(model, 64), model.init_state(64)
         for row in tokens(64, seed=9):
@@ -78,10 +91,10 @@ def test_neurons_at_rest_start_from_v_reset():
     with torch.no_grad():
         operands = [block_operands(b, torch.float32, 2) for b in model.blocks]
         x = model.binarize(model.emb(ids))
-        out = decode_blocks(x, operands, fresh.att_shift, fresh.ffn_shift, fresh.wkv, list(fresh.membranes.values()))
+        out = decode_blocks(x, operands, fresh.att_shift, fresh.ffn_shift, fresh.wkv, slots(model, fresh))
         expected, expected_state = model.step(ids, fresh)
     assert torch.equal(model.head(model.ln_out(out[0])), expected)
-    assert all(torch.equal(a, b) for a, b in zip(out[4], expected_state.membranes.values(), strict=True))
+    assert all(torch.equal(a, b) for a, b in zip(carried(out[4]), expected_state.membranes.values(), strict=True))
 
 
 def test_the_inputs_of_decode_blocks_are_left_as_they_were():
@@ -92,28 +105,77 @@ def test_the_inputs_of_decode_blocks_are_left_as_they_were():
         shifts = state.att_shift.clone(), state.ffn_shift.clone(), state.wkv.clone()
         operands = [block_operands(b, torch.float32, 2) for b in model.blocks]
         x = model.binarize(model.emb(torch.tensor([6, 7])))
-        out = decode_blocks(x, operands, state.att_shift, state.ffn_shift, state.wkv, list(state.membranes.values()))
-    assert len(out[4]) == 2 * len(model.blocks)
+        out = decode_blocks(x, operands, state.att_shift, state.ffn_shift, state.wkv, slots(model, state))
+    assert len(out[4]) == 9 * len(model.blocks) and len(carried(out[4])) == 2 * len(model.blocks) and out[5] == []
     expected, expected_state = model.step(torch.tensor([6, 7]), state)
     assert torch.equal(model.head(model.ln_out(out[0])), expected)
-    assert all(torch.equal(a, b) for a, b in zip(out[4], expected_state.membranes.values(), strict=True))
+    assert all(torch.equal(a, b) for a, b in zip(carried(out[4]), expected_state.membranes.values(), strict=True))
     assert all(torch.equal(a, b) for a, b in zip(shifts, (state.att_shift, state.ffn_shift, state.wkv), strict=True))
     assert all(torch.equal(state.membranes[k], v) for k, v in before.items())
 
 
-@pytest.mark.parametrize("kind", ["lora", "spikelora"])
-def test_adapters_take_model_step_and_give_its_results(kind):
-    model = attach_adapters(tiny_model(vocab=VOCAB, n_embd=24, seed=1), kind=kind, r=4).eval()
+def adapted(kind: str, gate: str = "temporal", precision: str = "float32", seed: int = 1):
+    """A model with adapters on every linear layer of its blocks, their B random so that the updates matter."""
+    model = attach_adapters(tiny_model(vocab=VOCAB, n_embd=24, seed=seed), kind=kind, r=4, gate=gate).eval()
     with torch.no_grad():
         for name, p in model.named_parameters():
             if "lora_B" in name:
                 p.normal_(0, 0.5)
-        stepper = GraphedStepper(model, 2)
-        assert not stepper.uses_compiled_step
-        state = model.init_state(2)
-        for row in tokens(2):
+    return cast_weights(model, precision)
+
+
+@pytest.mark.parametrize("precision", ["float32", "bfloat16", "int8"])
+@pytest.mark.parametrize(
+    ("kind", "gate"), [("lora", "temporal"), ("spikelora", "temporal"), ("spikelora", "pointwise")]
+)
+def test_adapters_run_compiled_with_model_steps_results_and_sparsity(kind, gate, precision):
+    model = adapted(kind, gate, precision)
+    rows = tokens(3, seed=4)
+    meter = SparsityMeter(model)
+    with torch.no_grad():
+        state = model.init_state(3)
+        expected = []
+        with meter.recording():
+            for row in rows:
+                logits, state = model.step(row, state)
+                expected.append(logits)
+        expected_counts = meter.counts().clone()
+        meter.reset()
+        stepper = GraphedStepper(model, 3)
+        assert stepper.uses_compiled_step
+        with meter.recording():
+            for row, logits in zip(rows, expected, strict=True):
+                assert torch.equal(stepper.step(row), logits)
+        assert_identical_states(stepper.state(), state)
+    assert torch.equal(meter.counts(), expected_counts)
+    if kind == "spikelora":
+        zeros, total = expected_counts.sum(0).tolist()
+        assert 0 < zeros < total  # the gates both passed and blocked: the gating was exercised
+
+
+def test_merged_lora_runs_compiled_and_adapters_in_training_mode_do_not():
+    model = adapted("lora")
+    merge_adapters(model)
+    assert compiled_step_operands(model, 1) is not None
+    with torch.no_grad():
+        stepper, state = GraphedStepper(model, 1), model.init_state(1)
+        for row in tokens(1):
             expected, state = model.step(row, state)
             assert torch.equal(stepper.step(row), expected)
+    model.blocks[0].att.key.train()  # its dropout would act: the modules must run
+    assert compiled_step_operands(model, 1) is None
+
+
+def test_merging_after_construction_is_seen_by_the_stepper():
+    model = adapted("lora", seed=6)
+    with torch.no_grad():
+        stepper, state = GraphedStepper(model, 2), model.init_state(2)
+        rows = tokens(2, seed=7)
+        merge_adapters(model)  # in place: the base weights now hold the updates, the adapters skip them
+        for row in rows:
+            expected, state = model.step(row, state)
+            assert torch.equal(stepper.step(row), expected)
+        assert stepper.uses_compiled_step
 
 
 def test_a_hook_added_after_construction_is_called_and_the_results_stay_the_same():

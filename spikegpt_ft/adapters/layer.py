@@ -27,6 +27,9 @@ from spikingjelly.activation_based import neuron, surrogate
 from torch import nn
 
 from ..model import fire, make_lif
+from ..ops import CompiledLIFNode
+from ..ops.decode import ProductOperands, linear_operands, unhooked
+from ..ops.lif import lif_kernel_settings
 from . import sparsity
 from .config import AdapterConfig
 
@@ -101,6 +104,37 @@ class AdapterLinear(nn.Module):
             a = self.gated(a)
             sparsity.record(self, a)
         return out + F.linear(a, self.lora_B.to(x.dtype)) * self.scaling
+
+    def decode_operands(self, dtype: torch.dtype, rows: int) -> ProductOperands | None:
+        """This layer as the compiled CPU step multiplies ``rows`` rows of ``dtype`` (:mod:`spikegpt_ft.ops.decode`).
+
+        ``None`` where that step would compute something else than :meth:`forward`: in training mode (dropout),
+        with hooks, or with a base or gate the kernels do not implement.
+        """
+        base = linear_operands(self.base, dtype, rows)
+        if base is None or not unhooked(self, AdapterLinear) or self.training or self.dropout.training:
+            return None
+        if not unhooked(self.dropout, type(self.dropout)):
+            return None
+        if self.merged:
+            return base
+        gate, settings = self.gate, (0.0, 0.0, 0.0)
+        if gate is not None:
+            kind, mode = (CompiledLIFNode, "m") if self.gate_mode == "temporal" else (neuron.LIFNode, "s")
+            found = lif_kernel_settings(gate) if unhooked(gate, kind) and gate.step_mode == mode else None
+            if found is None:
+                return None
+            settings = found
+        return ProductOperands(
+            base.weight,
+            base.scale,
+            base.stream,
+            self.lora_A,
+            self.lora_B,
+            float(self.scaling),
+            self.gate_mode,
+            settings,
+        )
 
     @torch.no_grad()
     def merge(self) -> None:

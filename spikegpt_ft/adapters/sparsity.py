@@ -130,6 +130,11 @@ class SparsityMeter:
         return result
 
 
+def is_recording() -> bool:
+    """Whether a :meth:`SparsityMeter.recording` is active (then a caller computing the gates itself reports)."""
+    return _ACTIVE.get() is not None
+
+
 def record(module: nn.Module, gated: torch.Tensor) -> None:
     """Report a gated adapter's activations to the active recording, if any (called by the adapter)."""
     active = _ACTIVE.get()

@@ -8,8 +8,9 @@ in-place step is captured once as a ``torch.cuda.CUDAGraph`` and each token is o
 
 On the CPU the same overhead is Python's: a few microseconds per operation and module call. There the
 stepper runs the blocks in one compiled call (:func:`~spikegpt_ft.ops.decode.decode_blocks`, bitwise
-``model.step``'s result) when they are built of exactly the modules that call implements, without hooks;
-otherwise (adapters, spike monitors, other neurons) and with ``use_graph=False`` on CUDA it runs
+``model.step``'s result) when they are built of exactly the modules that call implements (plain linear
+layers or LoRA / SpikeLoRA adapters), without hooks; otherwise (spike monitors, other neurons, adapters in
+training mode) and with ``use_graph=False`` on CUDA it runs
 ``model.step`` eagerly, whose buffer logic is what the CPU tests check; on CUDA the graph replays exactly
 those kernels.
 
@@ -24,8 +25,9 @@ What a graph captures is fixed at capture time: the model's modules and the memo
 - Parameters or modules **reassigned** after capture (``model.reset_head``, ``attach_adapters``,
   ``model.to(...)``, ``load_state_dict(..., assign=True)``) are not: the graph keeps reading the old
   tensors. Build a new stepper after such a change.
-- The compiled CPU step likewise holds the blocks' tensors from construction; a forward hook registered
-  later on a block's module sends each step back to ``model.step`` (which calls it).
+- The compiled CPU step likewise holds the blocks' tensors from construction. A forward hook registered
+  later on a block's module, or an adapter put in training mode, sends each step back to ``model.step``
+  (which calls the hook); merging or unmerging adapters makes the stepper collect its operands again.
 - The stepper runs the model in eval mode under ``torch.no_grad`` and counts every token in the adapters'
   sparsity counters (their token mask is set to ``None`` at construction); those counters are on-device
   buffers and keep counting during replay.
@@ -39,10 +41,19 @@ from collections.abc import Sequence
 import torch
 import torch.nn.modules.module as module_hooks
 
-from ..adapters import sparsity
+from ..adapters import AdapterLinear, sparsity
 from ..model import RecurrentState, SpikeGPT, check_token_ids
 from ..model.spikegpt import Block, ChannelMix, TimeMix
-from ..ops.decode import NEURONS, BlockOperands, block_operands, decode_blocks, unhooked
+from ..ops.decode import (
+    NEURONS,
+    PRODUCTS,
+    BlockOperands,
+    ProductOperands,
+    block_operands,
+    decode_blocks,
+    linear_operands,
+    unhooked,
+)
 
 #: Eager steps run on a side stream before capture (PyTorch's CUDA-graph recipe; lets lazy
 #: initialisation such as cuBLAS handles, Triton compilation and kernel selection happen outside the graph).
@@ -88,8 +99,9 @@ class GraphedStepper:
                 membranes={name: torch.zeros_like(v) for name, v in probe.membranes.items()},
                 signature=fresh.signature,
             )
-            self._compiled = None if self.uses_graph else compiled_step_operands(model, batch_size)
-            self._compiled_modules = [] if self._compiled is None else [m for b in model.blocks for m in b.modules()]
+            self._compiled: list[BlockOperands] | None = None
+            if not self.uses_graph:
+                self._compile()
             if self.uses_graph:
                 self._capture()
             _copy_state(self._state, fresh)
@@ -104,12 +116,27 @@ class GraphedStepper:
 
     def _advance(self) -> None:
         """The step that is captured: the model on the token buffer, results copied into the buffers."""
-        if self._compiled is not None and not self._hooked():
+        if self._compiled_step_applies():
             self._advance_compiled()
             return
         logits, next_state = self.model.step(self._tokens, self._state, check_ids=False)
         self._logits.copy_(logits)
         _copy_state(self._state, next_state)
+
+    def _compile(self) -> None:
+        """Collect the compiled step's operands (``None``: the model's blocks take ``model.step``)."""
+        self._compiled = compiled_step_operands(self.model, self.batch_size)
+        modules = [] if self._compiled is None else [m for b in self.model.blocks for m in b.modules()]
+        self._compiled_modules = modules
+        self._adapters = [(m, m.merged) for m in modules if isinstance(m, AdapterLinear)]
+
+    def _compiled_step_applies(self) -> bool:
+        """Whether this step can run compiled: no hook since, no adapter in training mode or merged since."""
+        if self._compiled is None or self._hooked() or any(m.training for m, _ in self._adapters):
+            return False
+        if any(m.merged != merged for m, merged in self._adapters):
+            self._compile()
+        return self._compiled is not None
 
     def _hooked(self) -> bool:
         """Whether a forward hook sits on a block's module or on every module: the compiled step would skip it.
@@ -198,12 +225,30 @@ class GraphedStepper:
         )
 
 
+def _product_operands(layer: torch.nn.Module, dtype: torch.dtype, rows: int) -> ProductOperands | None:
+    if type(layer) is AdapterLinear:
+        return layer.decode_operands(dtype, rows)
+    return linear_operands(layer, dtype, rows)
+
+
+def _neuron_names(operands: list[BlockOperands]) -> list[str | None]:
+    """The state's name of each neuron slot of :func:`~spikegpt_ft.ops.decode.decode_blocks` (``None``: not carried)."""
+    names: list[str | None] = []
+    for i, block in enumerate(operands):
+        names += [
+            f"blocks.{i}.{path}.gate" if p.gate == "temporal" else None
+            for path, p in zip(PRODUCTS, block.products, strict=True)
+        ]
+        names += [f"blocks.{i}.{name}" for name in NEURONS]
+    return names
+
+
 def compiled_step_operands(model: SpikeGPT, batch_size: int) -> list[BlockOperands] | None:
     """The operands of :func:`~spikegpt_ft.ops.decode.decode_blocks` for ``model``'s blocks, or ``None``.
 
     ``None`` unless the model is on the CPU in float32 or bfloat16, every block is built of exactly the
-    modules SpikeGPT builds (no adapters, no subclasses, no forward hooks) and the model carries no
-    neurons but the blocks' two LIFs.
+    modules SpikeGPT builds (its linear layers plain or with LoRA / SpikeLoRA adapters; no subclasses, no
+    forward hooks) and the model carries no neurons but the blocks' LIFs and the adapters' temporal gates.
     """
     dtype = model.emb.weight.dtype
     if (
@@ -217,11 +262,11 @@ def compiled_step_operands(model: SpikeGPT, batch_size: int) -> list[BlockOperan
             return None
         if not unhooked(block.drop, torch.nn.Dropout):
             return None
-    carried = tuple(f"blocks.{i}.{name}" for i in range(len(model.blocks)) for name in NEURONS)
-    if tuple(model.carried_neurons()) != carried:
+    operands = [block_operands(block, dtype, batch_size, _product_operands) for block in model.blocks]
+    if any(o is None for o in operands) or len({o.eps for o in operands}) > 1:
         return None
-    operands = [block_operands(block, dtype, batch_size) for block in model.blocks]
-    return None if any(o is None for o in operands) or len({o.eps for o in operands}) > 1 else operands
+    carried = tuple(name for name in _neuron_names(operands) if name is not None)
+    return operands if tuple(model.carried_neurons()) == carried else None
 
 
 def compiled_step(
@@ -230,20 +275,33 @@ def compiled_step(
     """``model.step(tokens, state)`` with the blocks in one compiled call: the same logits and next state, bitwise.
 
     ``operands`` are :func:`compiled_step_operands` of ``model`` for ``len(tokens)`` rows; ``state`` is one of
-    this model's (``init_state``, ``prefill``, ``step``). The embedding, ``ln_out`` and the head run as modules.
-    Call it without gradients.
+    this model's (``init_state``, ``prefill``, ``step``). The embedding, ``ln_out`` and the head run as modules;
+    the SpikeLoRA gates report to an active sparsity recording as the adapters do. Call it without gradients.
     """
-    names = state.signature[2]
-    if len(names) != 2 * len(operands) or state.batch_size != tokens.shape[0]:
+    names = _neuron_names(operands)
+    if set(state.membranes) != {n for n in names if n is not None} or state.batch_size != tokens.shape[0]:
         raise ValueError(
-            f"compiled_step: a state of {state.batch_size} sequences and {len(names)} neurons for "
-            f"{tokens.shape[0]} tokens and {len(operands)} blocks"
+            f"compiled_step: a state of {state.batch_size} sequences and neurons {sorted(state.membranes)[:3]}... "
+            f"does not fit {tokens.shape[0]} tokens through these {len(operands)} blocks"
         )
+    recording = sparsity.is_recording()
     x = model.binarize(model.emb(tokens))
-    x, att_shift, ffn_shift, wkv, membranes = decode_blocks(
-        x, operands, state.att_shift, state.ffn_shift, state.wkv, [state.membranes[n] for n in names]
+    x, att_shift, ffn_shift, wkv, membranes, gated = decode_blocks(
+        x,
+        operands,
+        state.att_shift,
+        state.ffn_shift,
+        state.wkv,
+        [None if n is None else state.membranes[n] for n in names],
+        record=recording,
     )
-    next_state = RecurrentState(att_shift, ffn_shift, wkv, dict(zip(names, membranes, strict=True)), state.signature)
+    if recording:
+        for index, activations in enumerate(gated):
+            if activations is not None:
+                block, path = divmod(index, len(PRODUCTS))
+                sparsity.record(model.blocks[block].get_submodule(PRODUCTS[path]), activations.unsqueeze(1))
+    carried = {n: v for n, v in zip(names, membranes, strict=True) if n is not None}
+    next_state = RecurrentState(att_shift, ffn_shift, wkv, {n: carried[n] for n in state.membranes}, state.signature)
     return model.head(model.ln_out(x)), next_state
 
 

@@ -9,13 +9,16 @@ compare the two).
 
 It applies to blocks built as :class:`~spikegpt_ft.model.SpikeGPT` builds them: LayerNorms, the ops'
 :class:`~spikegpt_ft.ops.Linear` or :class:`~spikegpt_ft.ops.Int8Linear` without bias, and
-:class:`~spikegpt_ft.ops.CompiledLIFNode` with the kernel's settings, none with forward hooks.
-:func:`block_operands` says whether a block is such a one and collects its tensors; an adapter, a hook
-(a spike monitor) or another neuron makes it ``None``, and the caller then runs the modules.
+:class:`~spikegpt_ft.ops.CompiledLIFNode` with the kernel's settings, none with forward hooks. A linear layer
+may carry a LoRA or SpikeLoRA update (:class:`ProductOperands` with ``lora_A``/``lora_B`` and a gate); the
+adapters describe theirs themselves (``AdapterLinear.decode_operands``), passed in as ``product``.
+:func:`block_operands` says whether a block is such a one and collects its tensors; anything else (a hook,
+a subclass, another neuron) makes it ``None``, and the caller then runs the modules.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -27,25 +30,43 @@ from .linear import Int8Linear, Linear, streams
 
 #: The parameters of a block in the kernel's order (``Slot`` in ``csrc/decode_cpu.cpp``), before the products.
 MIX_TENSORS = (
-    ("att.time_mix_k", "att.time_mix_v", "att.time_mix_r", "att.time_decay", "att.time_first"),
-    ("ffn.time_mix_k", "ffn.time_mix_r"),
-)
-#: The block's linear layers, in the kernel's order: the time mix's four, then the channel mix's three.
-PRODUCTS = (
-    ("att.key", "att.value", "att.receptance", "att.output"),
-    ("ffn.key", "ffn.receptance", "ffn.value"),
-)
+    "att.time_mix_k", "att.time_mix_v", "att.time_mix_r", "att.time_decay", "att.time_first",
+    "ffn.time_mix_k", "ffn.time_mix_r",
+)  # fmt: skip
+#: The block's linear layers, in the kernel's order (``Product`` in ``csrc/decode_cpu.cpp``).
+PRODUCTS = ("att.key", "att.value", "att.receptance", "att.output", "ffn.key", "ffn.receptance", "ffn.value")
 #: The block's LayerNorms (``ln0`` only in block 0) and its two LIF layers.
 LAYER_NORMS = ("ln0", "ln1", "ln2")
 NEURONS = ("lif1", "lif2")
+#: An adapter's gate, as the kernel numbers it.
+GATES = {None: 0, "temporal": 1, "pointwise": 2}
+
+
+@dataclass(frozen=True)
+class ProductOperands:
+    """One linear layer as the kernel multiplies it: ``x W^T`` (+ ``scaling * B (S(A x) * A x)`` with an adapter).
+
+    ``scale``: int8 weights' per-row scale; ``stream``: the streaming kernel, else ATen's product; ``gate``:
+    ``None``, ``"temporal"`` (its membrane carried, under the neuron name ``gate_name``) or ``"pointwise"``,
+    with ``gate_settings`` ``(tau, v_threshold, v_reset)``.
+    """
+
+    weight: torch.Tensor
+    scale: torch.Tensor | None
+    stream: bool
+    lora_A: torch.Tensor | None = None  # noqa: N815 - PEFT's name
+    lora_B: torch.Tensor | None = None  # noqa: N815 - PEFT's name
+    scaling: float = 0.0
+    gate: str | None = None
+    gate_settings: tuple[float, float, float] = (0.0, 0.0, 0.0)
 
 
 @dataclass(frozen=True)
 class BlockOperands:
-    """What :func:`decode_blocks` needs of one block: its tensors, the product of each linear layer, its LIFs."""
+    """What :func:`decode_blocks` needs of one block: its tensors, its linear layers, its LIFs' settings."""
 
     tensors: tuple[torch.Tensor | None, ...]
-    stream: tuple[bool, ...]
+    products: tuple[ProductOperands, ...]
     lif_settings: tuple[float, ...]
     eps: float
 
@@ -60,20 +81,26 @@ def unhooked(module: nn.Module, kind: type) -> bool:
     return type(module) is kind and not module._forward_hooks and not module._forward_pre_hooks
 
 
-def _product(layer: nn.Module, dtype: torch.dtype, rows: int) -> tuple[torch.Tensor, torch.Tensor | None, bool] | None:
-    """``(weight, scale or None, streams)`` of a bias-free linear layer as it multiplies ``rows`` rows of ``dtype``."""
+def linear_operands(layer: nn.Module, dtype: torch.dtype, rows: int) -> ProductOperands | None:
+    """A bias-free :class:`Linear` or :class:`Int8Linear` as it multiplies ``rows`` rows of ``dtype``, else ``None``."""
     if unhooked(layer, Int8Linear) and layer.bias is None:
-        return layer.weight_int8, layer.scale, True
+        return ProductOperands(layer.weight_int8, layer.scale, True)
     if unhooked(layer, Linear) and layer.bias is None and layer.weight.dtype == dtype:
-        return layer.weight, None, streams(rows, dtype, dtype)
+        return ProductOperands(layer.weight, None, streams(rows, dtype, dtype))
     return None
 
 
-def block_operands(block: nn.Module, dtype: torch.dtype, rows: int) -> BlockOperands | None:
+def block_operands(
+    block: nn.Module,
+    dtype: torch.dtype,
+    rows: int,
+    product: Callable[[nn.Module, torch.dtype, int], ProductOperands | None] = linear_operands,
+) -> BlockOperands | None:
     """The operands of ``block`` for :func:`decode_blocks` on ``rows`` sequences of ``dtype``, or ``None``.
 
-    ``None`` where the block is not built of exactly the modules the kernel implements (see the module
-    docstring). The tensors are the block's own, not copies: weights changed in place are seen.
+    ``product`` describes each linear layer (default: plain layers only). ``None`` where the block is not built
+    of exactly the modules the kernel implements (see the module docstring). The tensors are the block's own,
+    not copies: weights changed in place are seen.
     """
     tensors: list[torch.Tensor | None] = []
     eps = set()
@@ -88,19 +115,16 @@ def block_operands(block: nn.Module, dtype: torch.dtype, rows: int) -> BlockOper
             return None
         tensors += [ln.weight, ln.bias]
         eps.add(ln.eps)
-    stream: list[bool] = []
-    for mixes, products in zip(MIX_TENSORS, PRODUCTS, strict=True):
-        for path in mixes:
-            tensor = block.get_parameter(path)
-            if path.rsplit(".", 1)[1].startswith("time_mix") and tensor.dtype != dtype:
-                return None
-            tensors.append(tensor)
-        for path in products:
-            product = _product(block.get_submodule(path), dtype, rows)
-            if product is None:
-                return None
-            tensors += product[:2]
-            stream.append(product[2])
+    for path in MIX_TENSORS:
+        tensor = block.get_parameter(path)
+        if path.rsplit(".", 1)[1].startswith("time_mix") and tensor.dtype != dtype:
+            return None
+        tensors.append(tensor)
+    products = tuple(product(block.get_submodule(path), dtype, rows) for path in PRODUCTS)
+    if any(p is None for p in products):
+        return None
+    for p in products:
+        tensors += [p.weight, p.scale, p.lora_A, p.lora_B]
     lif_settings: list[float] = []
     for name in NEURONS:
         node = getattr(block, name)
@@ -110,7 +134,7 @@ def block_operands(block: nn.Module, dtype: torch.dtype, rows: int) -> BlockOper
         lif_settings += settings
     if len(eps) != 1:
         return None
-    return BlockOperands(tuple(tensors), tuple(stream), tuple(lif_settings), eps.pop())
+    return BlockOperands(tuple(tensors), products, tuple(lif_settings), eps.pop())
 
 
 def decode_blocks(
@@ -120,25 +144,35 @@ def decode_blocks(
     ffn_shift: torch.Tensor,
     wkv_state: torch.Tensor,
     membranes: list[torch.Tensor | None],
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, list[torch.Tensor]]:
+    record: bool = False,
+) -> tuple[
+    torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, list[torch.Tensor | None], list[torch.Tensor | None]
+]:
     """One token per sequence through the blocks: ``x`` ``[B, C]`` after the embedding, the state of all blocks.
 
-    ``att_shift``/``ffn_shift`` ``[L, B, C]`` and ``wkv_state`` ``[L, B, 3, C]`` are float32;
-    ``membranes`` holds the two LIFs' membranes ``[B, C]`` per block (``None``: at rest). Returns ``x`` after
-    the last block and the next state: shifts, WKV state and the ``2 L`` membranes (new tensors; the inputs
-    are not changed). CPU only, without gradients.
+    ``att_shift``/``ffn_shift`` ``[L, B, C]`` and ``wkv_state`` ``[L, B, 3, C]`` are float32. ``membranes``
+    holds, per block, the membrane ``[B, width]`` (``None``: at rest) of each product's gate in
+    :data:`PRODUCTS` order (``None`` where no temporal gate) and of ``lif1`` and ``lif2``. Returns ``x`` after
+    the last block, the next shifts and WKV state, the membranes after the token in the same layout (``None``
+    where nothing is carried; new tensors, the inputs are not changed) and, with ``record``, each product's
+    gated down-projection ``S(A x) * A x`` ``[B, r]`` (``None`` without gate). CPU only, without gradients.
     """
     if len({b.eps for b in blocks}) > 1:
         raise ValueError("decode_blocks: every LayerNorm of the stack must have the same eps")
+    products = [p for b in blocks for p in b.products]
     out = extension().decode_blocks(
         x,
         [t for b in blocks for t in b.tensors],
-        [s for b in blocks for s in b.stream],
+        [p.stream for p in products],
+        [GATES[p.gate] for p in products],
+        [v for p in products for v in (p.scaling, *p.gate_settings)],
         att_shift,
         ffn_shift,
         wkv_state,
         membranes,
         [v for b in blocks for v in b.lif_settings],
         blocks[0].eps if blocks else 1e-5,
+        record,
     )
-    return out[0], out[1], out[2], out[3], list(out[4:])
+    n_membranes = len(blocks) * (len(PRODUCTS) + len(NEURONS))
+    return out[0], out[1], out[2], out[3], list(out[4 : 4 + n_membranes]), list(out[4 + n_membranes :])

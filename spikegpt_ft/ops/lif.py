@@ -50,6 +50,31 @@ def _kernel_input(x_seq: object) -> bool:
     )
 
 
+def lif_kernel_settings(node: neuron.LIFNode) -> tuple[float, float, float] | None:
+    """``(tau, v_threshold, v_reset)`` of a SpikingJelly ``LIFNode`` with the kernel's settings, else ``None``.
+
+    The kernel's arithmetic is SpikingJelly's for these settings in either step mode (one step from ``v_reset``
+    is the single-step neuron after a reset).
+    """
+    sg = node.surrogate_function
+    if (
+        type(sg) is surrogate.ATan
+        and sg.spiking
+        and _is_finite_number(sg.alpha)
+        and sg.alpha > 0
+        and node.decay_input is True
+        and node.detach_reset is False
+        and not node.store_v_seq
+        and node._neuron_precision is None
+        and _is_finite_number(node.tau)
+        and node.tau > 1
+        and _is_finite_number(node.v_threshold)
+        and _is_finite_number(node.v_reset)  # None (soft reset) is not a number
+    ):
+        return float(node.tau), float(node.v_threshold), float(node.v_reset)
+    return None
+
+
 class _LIFFunction(torch.autograd.Function):
     """The compiled kernels as an autograd Function: ``(x [T, *S], v0 [*S]) -> (spikes [T, *S], v_last [*S])``."""
 
@@ -81,23 +106,7 @@ class CompiledLIFNode(neuron.LIFNode):
 
     def kernel_settings(self) -> tuple[float, float, float] | None:
         """``(tau, v_threshold, v_reset)`` where this neuron's settings are the kernel's, else ``None``."""
-        sg = self.surrogate_function
-        if (
-            type(sg) is surrogate.ATan
-            and sg.spiking
-            and _is_finite_number(sg.alpha)
-            and sg.alpha > 0
-            and self.decay_input is True
-            and self.detach_reset is False
-            and not self.store_v_seq
-            and self._neuron_precision is None
-            and _is_finite_number(self.tau)
-            and self.tau > 1
-            and _is_finite_number(self.v_threshold)
-            and _is_finite_number(self.v_reset)  # None (soft reset) is not a number
-        ):
-            return float(self.tau), float(self.v_threshold), float(self.v_reset)
-        return None
+        return lif_kernel_settings(self)
 
     def uses_kernel(self, x_seq: torch.Tensor) -> bool:
         """Whether a multi-step forward of ``x_seq`` ``[T, ...]`` runs the compiled kernel (else SpikingJelly)."""

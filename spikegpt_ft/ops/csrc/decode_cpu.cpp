@@ -5,8 +5,10 @@
 // part of a wide one's step (BENCHMARKS.md). Here the same operations run from C++: the same ATen ops
 // and the same kernels (WKV, LIF, streaming product) on the same dtypes in the same order as the modules
 // of spikegpt_ft/model/spikegpt.py, so the results are bitwise those of the module path
-// (tests/test_decode_step.py checks it). The Python side (spikegpt_ft/ops/decode.py) decides when this
-// path applies and lays out the tensors; the layout of one block is `Slot` below.
+// (tests/test_decode_step.py checks it). A linear layer may carry a LoRA or SpikeLoRA adapter (its gate a
+// temporal or a pointwise LIF), computed as spikegpt_ft/adapters/layer.py does. The Python side
+// (spikegpt_ft/ops/decode.py) decides when this path applies and lays out the tensors; the layout of one
+// block is `Slot` below.
 #include <torch/extension.h>
 
 #include <optional>
@@ -22,75 +24,116 @@ torch::Tensor stream_linear_cpu(torch::Tensor x, torch::Tensor weight, std::opti
 
 namespace {
 
-// The tensors of one block, in this order (None where a block has no such tensor: ln0 after block 0,
-// the scales of bfloat16 or float32 weights).
+// The tensors of one block, in this order (None where a block has no such tensor: ln0 after block 0, the
+// scales of bfloat16 or float32 weights, the LoRA matrices of a layer without adapter).
 enum Slot : int64_t {
   kLn0Weight, kLn0Bias, kLn1Weight, kLn1Bias, kLn2Weight, kLn2Bias,
-  kAttMixK, kAttMixV, kAttMixR, kTimeDecay, kTimeFirst,
-  kAttKey, kAttKeyScale, kAttValue, kAttValueScale, kAttReceptance, kAttReceptanceScale, kAttOutput, kAttOutputScale,
-  kFfnMixK, kFfnMixR, kFfnKey, kFfnKeyScale, kFfnReceptance, kFfnReceptanceScale, kFfnValue, kFfnValueScale,
-  kSlots
+  kAttMixK, kAttMixV, kAttMixR, kTimeDecay, kTimeFirst, kFfnMixK, kFfnMixR,
+  kProductSlots  // then, per product: weight, scale, lora_A, lora_B
 };  // clang-format off
-// The products of one block, in the order of their weights above.
-constexpr int64_t kProducts = 7;
+// The products of one block: att.key, att.value, att.receptance, att.output, ffn.key, ffn.receptance, ffn.value.
+enum Product : int64_t { kAttKey, kAttValue, kAttReceptance, kAttOutput, kFfnKey, kFfnReceptance, kFfnValue, kProducts };
+constexpr int64_t kTensorsPerProduct = 4;
+constexpr int64_t kSlots = kProductSlots + kProducts * kTensorsPerProduct;
+// Per product: scaling, then the gate's tau, v_threshold, v_reset.
+constexpr int64_t kProductScalars = 4;
+// A product's adapter gate.
+enum Gate : int64_t { kNoGate, kTemporal, kPointwise };
+// The neurons of one block: the gate of each product (carried by a temporal one), then lif1 and lif2.
+constexpr int64_t kNeurons = kProducts + 2;
 // The LIF settings of one block: tau, v_threshold, v_reset of lif1, then of lif2.
 constexpr int64_t kLifSettings = 6;
 
 using Tensors = std::vector<std::optional<torch::Tensor>>;
-
-const torch::Tensor& get(const Tensors& t, int64_t block, Slot slot) {
-  const auto& value = t[block * kSlots + slot];
-  TORCH_CHECK(value.has_value(), "decode_blocks: tensor ", static_cast<int64_t>(slot), " of block ", block,
-              " is missing");
-  return *value;
-}
-
-// y = x W^T: the streaming kernel (int8 with its scale, or bfloat16) or ATen's product, as Linear chose.
-torch::Tensor product(const Tensors& t, int64_t block, Slot weight, bool stream, const torch::Tensor& x) {
-  const auto& scale = t[block * kSlots + weight + 1];
-  const auto& w = get(t, block, weight);
-  if (!stream) return at::linear(x, w);
-  if (!scale) return stream_linear_cpu(x, w, std::nullopt, std::nullopt, "auto");
-  // Int8Linear: bfloat16 rows in, the result back in x's dtype
-  return stream_linear_cpu(x.to(torch::kBFloat16), w, scale, std::nullopt, "auto").to(x.scalar_type());
-}
-
-// y * mu + previous * (1 - mu) as shift_mix computes it for one token: previous + mu * (y - previous).
-torch::Tensor mix(const torch::Tensor& previous, const torch::Tensor& mu, const torch::Tensor& delta) {
-  return at::addcmul(previous, mu.reshape({-1}), delta);
-}
-
-// The LIF layer along one token: spikes in x's dtype; the membrane it ends with in `membrane`.
-torch::Tensor fire(const torch::Tensor& x, const torch::Tensor& v0, torch::Tensor& membrane, const double* settings) {
-  auto out = lif_forward_cpu(x.to(torch::kFloat32).unsqueeze(0).contiguous(), v0, settings[0], settings[1], settings[2]);
-  membrane = out[1];
-  return out[0].squeeze(0).to(x.scalar_type());
-}
 
 // The membrane a neuron starts the token from: the carried one, or v_reset for a neuron at rest.
 torch::Tensor membrane_or_rest(const std::optional<torch::Tensor>& membrane, double v_reset, int64_t B, int64_t C) {
   return membrane ? membrane->contiguous() : at::full({B, C}, v_reset, torch::kFloat32);
 }
 
+// The LIF layer along one token from membrane v0: spikes in x's dtype; the membrane it ends with in `membrane`.
+torch::Tensor fire(const torch::Tensor& x, const torch::Tensor& v0, torch::Tensor& membrane, const double* settings) {
+  auto out = lif_forward_cpu(x.to(torch::kFloat32).unsqueeze(0).contiguous(), v0, settings[0], settings[1], settings[2]);
+  membrane = out[1];
+  return out[0].squeeze(0).to(x.scalar_type());
+}
+
+// One call's view of its inputs and outputs, block by block.
+struct Step {
+  const Tensors& tensors;
+  const std::vector<bool>& stream;
+  const std::vector<int64_t>& gates;
+  const std::vector<double>& scalars;
+  const Tensors& membranes;
+  std::vector<torch::Tensor>& next_membranes;
+  std::vector<torch::Tensor>& gated;
+  bool record;
+  int64_t block = 0;
+
+  const torch::Tensor& get(int64_t slot) const {
+    const auto& value = tensors[block * kSlots + slot];
+    TORCH_CHECK(value.has_value(), "decode_blocks: tensor ", slot, " of block ", block, " is missing");
+    return *value;
+  }
+  bool has(int64_t slot) const { return tensors[block * kSlots + slot].has_value(); }
+
+  // x W^T through the streaming kernel (int8 with its scale, or bfloat16) or ATen's product, as the layer
+  // chose; plus the adapter's s * B (S(A x) * A x) (S = 1 without gate).
+  torch::Tensor product(Product p, const torch::Tensor& x) {
+    const int64_t slot = kProductSlots + p * kTensorsPerProduct, index = block * kProducts + p;
+    const auto& w = get(slot);
+    torch::Tensor out;
+    if (!stream[index]) {
+      out = at::linear(x, w);
+    } else if (!has(slot + 1)) {
+      out = stream_linear_cpu(x, w, std::nullopt, std::nullopt, "auto");
+    } else {  // Int8Linear: bfloat16 rows in, the result back in x's dtype
+      out = stream_linear_cpu(x.to(torch::kBFloat16), w, get(slot + 1), std::nullopt, "auto").to(x.scalar_type());
+    }
+    if (!has(slot + 2)) return out;
+    const double* s = &scalars[index * kProductScalars];
+    auto a = at::linear(x, get(slot + 2).to(x.scalar_type()));
+    const int64_t neuron = block * kNeurons + p;
+    if (gates[index] != kNoGate) {
+      // temporal: the carried membrane; pointwise: from rest at every token, nothing carried
+      const auto v0 = gates[index] == kTemporal ? membrane_or_rest(membranes[neuron], s[3], a.size(0), a.size(1))
+                                                : at::full({a.size(0), a.size(1)}, s[3], torch::kFloat32);
+      torch::Tensor v_last;
+      a = fire(a, v0, v_last, s + 1) * a;
+      if (gates[index] == kTemporal) next_membranes[neuron] = v_last;
+      if (record) gated[index] = a;
+    }
+    return out + at::linear(a, get(slot + 3).to(x.scalar_type())) * s[0];
+  }
+};
+
+torch::Tensor mix(const torch::Tensor& previous, const torch::Tensor& mu, const torch::Tensor& delta) {
+  // y * mu + previous * (1 - mu) as shift_mix computes it for one token: previous + mu * (y - previous)
+  return at::addcmul(previous, mu.reshape({-1}), delta);
+}
+
 }  // namespace
 
-// x: [B, C] after the embedding; tensors: kSlots per block; stream: kProducts flags per block (the streaming
-// kernel, else ATen's product); att_shift, ffn_shift: [L, B, C] float32; wkv: [L, B, 3, C] float32;
-// membranes: two per block [B, C] float32 (None: the neuron is at rest, v_reset); lif: kLifSettings per block.
-// Returns x after the blocks, then the next state: att_shift, ffn_shift, wkv and the 2 L membranes. The
-// inputs are not changed.
+// x: [B, C] after the embedding; tensors: kSlots per block; per product of every block: stream (the streaming
+// kernel, else ATen's product), gate (Gate), kProductScalars scalars; att_shift, ffn_shift: [L, B, C] float32;
+// wkv: [L, B, 3, C] float32; membranes: kNeurons per block, [B, width] float32 or None (at rest); lif:
+// kLifSettings per block; record: also return each gate's S(A x) * A x. Returns x after the blocks, the next
+// att_shift, ffn_shift and wkv, the kNeurons L membranes after the token (undefined for neurons that carry
+// nothing), then, with record, the kProducts L gated activations (undefined without gate). The inputs are
+// not changed.
 std::vector<torch::Tensor> decode_blocks_cpu(torch::Tensor x, Tensors tensors, std::vector<bool> stream,
+                                             std::vector<int64_t> gates, std::vector<double> scalars,
                                              torch::Tensor att_shift, torch::Tensor ffn_shift, torch::Tensor wkv,
-                                             std::vector<std::optional<torch::Tensor>> membranes,
-                                             std::vector<double> lif, double eps) {
+                                             Tensors membranes, std::vector<double> lif, double eps, bool record) {
   const int64_t L = att_shift.size(0), B = x.size(0), C = x.size(1);
   TORCH_CHECK(x.dim() == 2 && x.device().is_cpu(), "decode_blocks: x must be [B, C] on the CPU");
-  TORCH_CHECK(static_cast<int64_t>(tensors.size()) == L * kSlots &&
-                  static_cast<int64_t>(stream.size()) == L * kProducts &&
-                  static_cast<int64_t>(membranes.size()) == 2 * L &&
-                  static_cast<int64_t>(lif.size()) == L * kLifSettings,
-              "decode_blocks: ", L, " blocks need ", L * kSlots, " tensors, ", L * kProducts, " product flags, ",
-              2 * L, " membranes and ", L * kLifSettings, " LIF settings");
+  const auto n = [](const auto& v) { return static_cast<int64_t>(v.size()); };
+  TORCH_CHECK(n(tensors) == L * kSlots && n(stream) == L * kProducts && n(gates) == L * kProducts &&
+                  n(scalars) == L * kProducts * kProductScalars && n(membranes) == L * kNeurons &&
+                  n(lif) == L * kLifSettings,
+              "decode_blocks: ", L, " blocks need ", L * kSlots, " tensors, ", L * kProducts, " stream flags and gates, ",
+              L * kProducts * kProductScalars, " product scalars, ", L * kNeurons, " membranes and ",
+              L * kLifSettings, " LIF settings");
   TORCH_CHECK(att_shift.sizes() == ffn_shift.sizes() && att_shift.dim() == 3 && att_shift.size(1) == B &&
                   att_shift.size(2) == C && wkv.dim() == 4 && wkv.size(0) == L && wkv.size(1) == B &&
                   wkv.size(2) == 3 && wkv.size(3) == C,
@@ -98,44 +141,42 @@ std::vector<torch::Tensor> decode_blocks_cpu(torch::Tensor x, Tensors tensors, s
   const auto dtype = x.scalar_type();
   auto att_next = torch::empty_like(att_shift), ffn_next = torch::empty_like(ffn_shift);
   auto wkv_next = torch::empty_like(wkv);
-  std::vector<torch::Tensor> out_membranes(2 * L);
+  std::vector<torch::Tensor> next_membranes(L * kNeurons), gated(record ? L * kProducts : 0);
+  Step step{tensors, stream, gates, scalars, membranes, next_membranes, gated, record};
   const std::vector<int64_t> normalized{C};
   for (int64_t i = 0; i < L; ++i) {
-    auto s = [&](int64_t product_index) { return static_cast<bool>(stream[i * kProducts + product_index]); };
-    if (tensors[i * kSlots + kLn0Weight]) {
-      x = at::layer_norm(x, normalized, get(tensors, i, kLn0Weight), get(tensors, i, kLn0Bias), eps);
-    }
+    step.block = i;
+    const double* lif1 = &lif[i * kLifSettings];
+    const double* lif2 = lif1 + 3;
+    if (step.has(kLn0Weight)) x = at::layer_norm(x, normalized, step.get(kLn0Weight), step.get(kLn0Bias), eps);
     // time mix
-    const auto y = at::layer_norm(x, normalized, get(tensors, i, kLn1Weight), get(tensors, i, kLn1Bias), eps);
+    const auto y = at::layer_norm(x, normalized, step.get(kLn1Weight), step.get(kLn1Bias), eps);
     const auto previous = att_shift[i].to(dtype);
     const auto delta = y - previous;
-    const auto k = product(tensors, i, kAttKey, s(0), mix(previous, get(tensors, i, kAttMixK), delta));
-    const auto v = product(tensors, i, kAttValue, s(1), mix(previous, get(tensors, i, kAttMixV), delta));
-    const auto r = product(tensors, i, kAttReceptance, s(2), mix(previous, get(tensors, i, kAttMixR), delta));
-    const auto w = -at::exp(get(tensors, i, kTimeDecay).to(torch::kFloat32)).contiguous();
-    const auto u = get(tensors, i, kTimeFirst).to(torch::kFloat32).contiguous();
+    const auto k = step.product(kAttKey, mix(previous, step.get(kAttMixK), delta));
+    const auto v = step.product(kAttValue, mix(previous, step.get(kAttMixV), delta));
+    const auto r = step.product(kAttReceptance, mix(previous, step.get(kAttMixR), delta));
+    const auto w = -at::exp(step.get(kTimeDecay).to(torch::kFloat32)).contiguous();
+    const auto u = step.get(kTimeFirst).to(torch::kFloat32).contiguous();
     auto as_seq = [&](const torch::Tensor& t) { return t.to(torch::kFloat32).view({B, 1, C}).contiguous(); };
     const auto wkv_out = wkv_forward_cpu(w, u, as_seq(k), as_seq(v), as_seq(r), wkv[i].contiguous(), 0);
     wkv_next[i].copy_(wkv_out[2]);
-    const auto gated = wkv_out[3].view({B, C}).to(dtype);
-    const auto mixed = product(tensors, i, kAttOutput, s(3), gated);
-    x = x + fire(mixed, membrane_or_rest(membranes[2 * i], lif[i * kLifSettings + 2], B, C), out_membranes[2 * i],
-                 &lif[i * kLifSettings]);
+    const auto mixed = step.product(kAttOutput, wkv_out[3].view({B, C}).to(dtype));
+    const int64_t neurons = i * kNeurons + kProducts;
+    x = x + fire(mixed, membrane_or_rest(membranes[neurons], lif1[2], B, C), next_membranes[neurons], lif1);
     att_next[i].copy_(y);
     // channel mix
-    const auto z = at::layer_norm(x, normalized, get(tensors, i, kLn2Weight), get(tensors, i, kLn2Bias), eps);
+    const auto z = at::layer_norm(x, normalized, step.get(kLn2Weight), step.get(kLn2Bias), eps);
     const auto previous2 = ffn_shift[i].to(dtype);
     const auto delta2 = z - previous2;
-    const auto key = at::square(at::relu(
-        product(tensors, i, kFfnKey, s(4), mix(previous2, get(tensors, i, kFfnMixK), delta2))));
-    const auto gate = at::sigmoid(
-        product(tensors, i, kFfnReceptance, s(5), mix(previous2, get(tensors, i, kFfnMixR), delta2)));
-    const auto channel = gate * product(tensors, i, kFfnValue, s(6), key);
-    x = x + fire(channel, membrane_or_rest(membranes[2 * i + 1], lif[i * kLifSettings + 5], B, C),
-                 out_membranes[2 * i + 1], &lif[i * kLifSettings + 3]);
+    const auto key = at::square(at::relu(step.product(kFfnKey, mix(previous2, step.get(kFfnMixK), delta2))));
+    const auto gate = at::sigmoid(step.product(kFfnReceptance, mix(previous2, step.get(kFfnMixR), delta2)));
+    const auto channel = gate * step.product(kFfnValue, key);
+    x = x + fire(channel, membrane_or_rest(membranes[neurons + 1], lif2[2], B, C), next_membranes[neurons + 1], lif2);
     ffn_next[i].copy_(z);
   }
   std::vector<torch::Tensor> out{x, att_next, ffn_next, wkv_next};
-  out.insert(out.end(), out_membranes.begin(), out_membranes.end());
+  out.insert(out.end(), next_membranes.begin(), next_membranes.end());
+  out.insert(out.end(), gated.begin(), gated.end());
   return out;
 }

@@ -27,9 +27,11 @@ torch::Tensor stream_linear_cpu(torch::Tensor x, torch::Tensor weight, std::opti
                                 std::optional<torch::Tensor> bias, const std::string& kernel);
 // One recurrent step through a stack of blocks (decode_cpu.cpp).
 std::vector<torch::Tensor> decode_blocks_cpu(torch::Tensor x, std::vector<std::optional<torch::Tensor>> tensors,
-                                             std::vector<bool> stream, torch::Tensor att_shift, torch::Tensor ffn_shift,
-                                             torch::Tensor wkv, std::vector<std::optional<torch::Tensor>> membranes,
-                                             std::vector<double> lif, double eps);
+                                             std::vector<bool> stream, std::vector<int64_t> gates,
+                                             std::vector<double> scalars, torch::Tensor att_shift,
+                                             torch::Tensor ffn_shift, torch::Tensor wkv,
+                                             std::vector<std::optional<torch::Tensor>> membranes,
+                                             std::vector<double> lif, double eps, bool record);
 
 #ifndef WITH_CUDA
 constexpr const char* kNoCudaKernels =
@@ -145,8 +147,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "linear, streaming the weights (cpu): (x[M,K], weight[N,K] bf16 or int8, scale[N] (int8) or None, "
         "bias[N] or None, kernel 'auto'|'avx2'|'portable') -> y[M,N] in x's dtype");
   m.def("decode_blocks", &decode_blocks_cpu,
-        "one token through a stack of SpikeGPT blocks (cpu): (x[B,C], tensors, stream flags, att_shift[L,B,C], "
-        "ffn_shift[L,B,C], wkv[L,B,3,C], membranes, lif settings, eps) -> (x, att_shift, ffn_shift, wkv, *membranes)");
+        "one token through a stack of SpikeGPT blocks (cpu): (x[B,C], tensors, stream flags, gates, product scalars, "
+        "att_shift[L,B,C], ffn_shift[L,B,C], wkv[L,B,3,C], membranes, lif settings, eps, record) -> "
+        "(x, att_shift, ffn_shift, wkv, *membranes, *gated)");
   m.def("lif_forward", &lif_forward_cpu,
         "LIF forward (cpu): (x[T,*S], v0[S], tau, v_threshold, v_reset) -> (spikes[T,*S], v_last[S], h[T,*S])");
   m.def("lif_backward", &lif_backward_cpu,
