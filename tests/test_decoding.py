@@ -210,5 +210,7 @@ def test_bench_records_whether_a_graph_was_used_and_refuses_one_on_the_cpu():
     assert one_row["products_ms"] > 0 and one_row["torch_products_ms"] > 0 and "products_ms" not in many
     results = bench.main(["recurrent", "--device", "cpu", "--eager", *tiny])
     assert [r["step"] for r in results] == ["model.step", "model.step"]
+    results = bench.main(["recurrent", "--device", "cpu", "--rec-adapter", "spikelora", "--rank", "4", *tiny])
+    assert [(r["adapter"], r["step"]) for r in results] == [("spikelora r4", "compiled")] * 2
     with pytest.raises(SystemExit, match="--cuda-graph needs --device cuda"):
         bench.main(["recurrent", "--device", "cpu", "--cuda-graph", *tiny])

@@ -442,6 +442,10 @@ def bench_recurrent(args, device, dtype) -> list[dict]:
     which (``step``).
     """
     model = random_model(args, device).eval()
+    if args.rec_adapter != "none":  # the update itself (B = 0) is as costly as a trained one
+        from ..adapters import attach_adapters
+
+        attach_adapters(model, kind=args.rec_adapter, r=args.rank, gate=args.rec_gate).eval()
     weights = "int8" if args.int8_weights else str(dtype).removeprefix("torch.")
     if weights in WEIGHT_PRECISIONS:
         cast_weights(model, weights)
@@ -470,6 +474,7 @@ def bench_recurrent(args, device, dtype) -> list[dict]:
                 ms_per_token=med * 1e3 if B == 1 else None,
                 tokens_per_s=B / med,
                 weights_dtype=weights,
+                adapter=args.rec_adapter if args.rec_adapter == "none" else f"{args.rec_adapter} r{args.rank}",
                 state_dtype="float32",
                 cuda_graph=path == "cuda-graph",
                 step=path,
@@ -585,6 +590,15 @@ def build_parser() -> argparse.ArgumentParser:
         "--cuda-graph",
         action=argparse.BooleanOptionalAction,
         help="recurrent: replay each step as a CUDA graph (default on CUDA; CUDA only)",
+    )
+    p.add_argument(
+        "--rec-adapter",
+        choices=["none", "lora", "spikelora"],
+        default="none",
+        help="recurrent: adapters of rank --rank on every linear layer of the blocks",
+    )
+    p.add_argument(
+        "--rec-gate", choices=["temporal", "pointwise"], default="temporal", help="recurrent: SpikeLoRA gate"
     )
     p.add_argument(
         "--eager",
