@@ -13,7 +13,7 @@ from helpers import tiny_model
 
 from spikegpt_ft.adapters import SparsityMeter, attach_adapters, merge_adapters
 from spikegpt_ft.inference import GraphedStepper, cast_weights
-from spikegpt_ft.inference.decoding import compiled_step_operands
+from spikegpt_ft.inference.decoding import compile_step
 from spikegpt_ft.ops import linear as linear_ops
 from spikegpt_ft.ops.decode import block_operands, decode_blocks
 
@@ -74,8 +74,8 @@ def test_both_products_of_many_bfloat16_rows_are_those_of_the_modules(matrix_uni
     """64 rows: oneDNN's product where the CPU has bfloat16 matrix units, the streaming kernel where not."""
     monkeypatch.setattr(linear_ops, "has_bf16_matrix_units", lambda: matrix_units)
     model = model_in("bfloat16")
-    operands = compiled_step_operands(model, 64)
-    assert all(p.stream == (not matrix_units) for o in operands for p in o.products)
+    plan = compile_step(model, 64)
+    assert all(p.stream == (not matrix_units) for o in plan.blocks for p in o.products)
     with torch.no_grad():
         stepper, state = GraphedStepper(model, 64), model.init_state(64)
         for row in tokens(64, seed=9):
@@ -156,14 +156,14 @@ def test_adapters_run_compiled_with_model_steps_results_and_sparsity(kind, gate,
 def test_merged_lora_runs_compiled_and_adapters_in_training_mode_do_not():
     model = adapted("lora")
     merge_adapters(model)
-    assert compiled_step_operands(model, 1) is not None
+    assert compile_step(model, 1) is not None
     with torch.no_grad():
         stepper, state = GraphedStepper(model, 1), model.init_state(1)
         for row in tokens(1):
             expected, state = model.step(row, state)
             assert torch.equal(stepper.step(row), expected)
     model.blocks[0].att.key.train()  # its dropout would act: the modules must run
-    assert compiled_step_operands(model, 1) is None
+    assert compile_step(model, 1) is None
 
 
 def test_merging_after_construction_is_seen_by_the_stepper():
@@ -201,16 +201,16 @@ def test_a_hook_added_after_construction_is_called_and_the_results_stay_the_same
 
 def test_blocks_outside_the_kernel_settings_are_not_compiled():
     model = model_in("float32")
-    assert compiled_step_operands(model, 1) is not None
+    assert compile_step(model, 1) is not None
     model.blocks[1].lif1.detach_reset = True  # a setting the LIF kernel does not implement
     assert block_operands(model.blocks[1], torch.float32, 1) is None
-    assert compiled_step_operands(model, 1) is None
+    assert compile_step(model, 1) is None
     model.blocks[1].lif1.detach_reset = False
     model.blocks[0].ln1.eps = 1e-6  # LayerNorms of different eps
-    assert compiled_step_operands(model, 1) is None
+    assert compile_step(model, 1) is None
     model.blocks[0].ln1.eps = model.blocks[0].ln2.eps
     model.half()  # a dtype the step does not take
-    assert compiled_step_operands(model, 1) is None
+    assert compile_step(model, 1) is None
 
 
 @pytest.mark.parametrize("precision", ["float32", "bfloat16"])
@@ -229,5 +229,5 @@ def test_recurrent_classification_runs_compiled_with_model_steps_results(precisi
     monkeypatch.setattr(classify, "compiled_step", lambda *a: calls.append(a[2].shape[0]) or real(*a))
     compiled = class_logits(model, texts, "recurrent")
     assert sorted(set(calls)) == [1, 2, 3, 4]  # texts of 9, 7, 4 and 1 tokens leave the batch one by one
-    monkeypatch.setattr(classify, "compiled_step_operands", lambda *a: None)
+    monkeypatch.setattr(classify, "compile_step", lambda *a: None)
     assert torch.equal(compiled, class_logits(model, texts, "recurrent"))

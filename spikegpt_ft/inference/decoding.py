@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 import torch.nn.modules.module as module_hooks
@@ -99,7 +100,7 @@ class GraphedStepper:
                 membranes={name: torch.zeros_like(v) for name, v in probe.membranes.items()},
                 signature=fresh.signature,
             )
-            self._compiled: list[BlockOperands] | None = None
+            self._compiled: CompiledStep | None = None
             if not self.uses_graph:
                 self._compile()
             if self.uses_graph:
@@ -125,7 +126,7 @@ class GraphedStepper:
 
     def _compile(self) -> None:
         """Collect the compiled step's operands (``None``: the model's blocks take ``model.step``)."""
-        self._compiled = compiled_step_operands(self.model, self.batch_size)
+        self._compiled = compile_step(self.model, self.batch_size)
         modules = [] if self._compiled is None else [m for b in self.model.blocks for m in b.modules()]
         self._compiled_modules = modules
         self._adapters = [(m, m.merged) for m in modules if isinstance(m, AdapterLinear)]
@@ -243,8 +244,17 @@ def _neuron_names(operands: list[BlockOperands]) -> list[str | None]:
     return names
 
 
-def compiled_step_operands(model: SpikeGPT, batch_size: int) -> list[BlockOperands] | None:
-    """The operands of :func:`~spikegpt_ft.ops.decode.decode_blocks` for ``model``'s blocks, or ``None``.
+@dataclass(frozen=True)
+class CompiledStep:
+    """What :func:`compiled_step` runs: the blocks' operands and the state's name of each neuron slot."""
+
+    blocks: list[BlockOperands]
+    neurons: list[str | None]
+    carried: frozenset[str]
+
+
+def compile_step(model: SpikeGPT, batch_size: int) -> CompiledStep | None:
+    """What :func:`compiled_step` needs to step ``batch_size`` sequences of ``model``, or ``None``.
 
     ``None`` unless the model is on the CPU in float32 or bfloat16, every block is built of exactly the
     modules SpikeGPT builds (its linear layers plain or with LoRA / SpikeLoRA adapters; no subclasses, no
@@ -265,30 +275,31 @@ def compiled_step_operands(model: SpikeGPT, batch_size: int) -> list[BlockOperan
     operands = [block_operands(block, dtype, batch_size, _product_operands) for block in model.blocks]
     if any(o is None for o in operands) or len({o.eps for o in operands}) > 1:
         return None
-    carried = tuple(name for name in _neuron_names(operands) if name is not None)
-    return operands if tuple(model.carried_neurons()) == carried else None
+    neurons = _neuron_names(operands)
+    carried = tuple(name for name in neurons if name is not None)
+    return CompiledStep(operands, neurons, frozenset(carried)) if tuple(model.carried_neurons()) == carried else None
 
 
 def compiled_step(
-    model: SpikeGPT, operands: list[BlockOperands], tokens: torch.Tensor, state: RecurrentState
+    model: SpikeGPT, plan: CompiledStep, tokens: torch.Tensor, state: RecurrentState
 ) -> tuple[torch.Tensor, RecurrentState]:
     """``model.step(tokens, state)`` with the blocks in one compiled call: the same logits and next state, bitwise.
 
-    ``operands`` are :func:`compiled_step_operands` of ``model`` for ``len(tokens)`` rows; ``state`` is one of
+    ``plan`` is :func:`compile_step` of ``model`` for ``len(tokens)`` rows; ``state`` is one of
     this model's (``init_state``, ``prefill``, ``step``). The embedding, ``ln_out`` and the head run as modules;
     the SpikeLoRA gates report to an active sparsity recording as the adapters do. Call it without gradients.
     """
-    names = _neuron_names(operands)
-    if set(state.membranes) != {n for n in names if n is not None} or state.batch_size != tokens.shape[0]:
+    names = plan.neurons
+    if state.membranes.keys() != plan.carried or state.batch_size != tokens.shape[0]:
         raise ValueError(
             f"compiled_step: a state of {state.batch_size} sequences and neurons {sorted(state.membranes)[:3]}... "
-            f"does not fit {tokens.shape[0]} tokens through these {len(operands)} blocks"
+            f"does not fit {tokens.shape[0]} tokens through these {len(plan.blocks)} blocks"
         )
     recording = sparsity.is_recording()
     x = model.binarize(model.emb(tokens))
     x, att_shift, ffn_shift, wkv, membranes, gated = decode_blocks(
         x,
-        operands,
+        plan.blocks,
         state.att_shift,
         state.ffn_shift,
         state.wkv,
