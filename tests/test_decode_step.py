@@ -225,9 +225,15 @@ def test_recurrent_classification_runs_compiled_with_model_steps_results(precisi
     model.reset_head(3)  # in the model's dtype
     texts = [torch.randint(0, VOCAB, (n,), generator=torch.Generator().manual_seed(n)).tolist() for n in (9, 4, 7, 1)]
     calls = []
-    real = classify.compiled_step
-    monkeypatch.setattr(classify, "compiled_step", lambda *a: calls.append(a[2].shape[0]) or real(*a))
+    real = classify.step_function
+
+    def counted(model, batch_size):
+        step = real(model, batch_size)
+        assert step != model.step  # compiled
+        return lambda tokens, state: calls.append(tokens.shape[0]) or step(tokens, state)
+
+    monkeypatch.setattr(classify, "step_function", counted)
     compiled = class_logits(model, texts, "recurrent")
     assert sorted(set(calls)) == [1, 2, 3, 4]  # texts of 9, 7, 4 and 1 tokens leave the batch one by one
-    monkeypatch.setattr(classify, "compile_step", lambda *a: None)
+    monkeypatch.setattr(classify, "step_function", lambda model, batch_size: model.step)
     assert torch.equal(compiled, class_logits(model, texts, "recurrent"))

@@ -20,7 +20,7 @@ import torch
 
 from ..data.batching import pad_right
 from ..model import RecurrentState, SpikeGPT
-from .decoding import compile_step, compiled_step
+from .decoding import step_function
 from .stepping import DEFAULT_CHUNK, as_token_lists, evaluating, token_feeder
 
 #: Texts stepped together in recurrent mode (or padded together in parallel mode).
@@ -31,25 +31,21 @@ MODES = ("recurrent", "parallel")
 def _batch_logits_recurrent(model: SpikeGPT, seqs: list[list[int]]) -> torch.Tensor:
     """Logits at each text's last token, ``seqs`` sorted longest first, one token per step.
 
-    On the CPU the steps run compiled where the model allows it (:func:`~spikegpt_ft.inference.decoding.compiled_step`,
-    bitwise ``model.step``), its plan made anew whenever the batch shrinks.
+    On the CPU the steps run compiled where the model allows it (:func:`~spikegpt_ft.inference.decoding.step_function`,
+    bitwise ``model.step``), made anew whenever the batch shrinks.
     """
     device = model.emb.weight.device
     ids = pad_right(seqs)[0].to(device)
     lengths = [len(s) for s in seqs]
     out: list[torch.Tensor | None] = [None] * len(seqs)
     state = model.init_state(len(seqs))
-    plan = compile_step(model, len(seqs))
+    step = step_function(model, len(seqs))
     for t in range(ids.shape[1]):
         active = sum(1 for n in lengths if n > t)  # a prefix, as the texts are sorted longest first
         if active < state.batch_size:
             state = state.select(slice(0, active))
-            if plan is not None:
-                plan = compile_step(model, active)
-        if plan is None:
-            logits, state = model.step(ids[:active, t], state)
-        else:
-            logits, state = compiled_step(model, plan, ids[:active, t], state)
+            step = step_function(model, active)
+        logits, state = step(ids[:active, t], state)
         for row in range(active):
             if lengths[row] == t + 1:
                 out[row] = logits[row].float()

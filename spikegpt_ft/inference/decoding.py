@@ -36,7 +36,7 @@ What a graph captures is fixed at capture time: the model's modules and the memo
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -314,6 +314,17 @@ def compiled_step(
     carried = {n: v for n, v in zip(names, membranes, strict=True) if n is not None}
     next_state = RecurrentState(att_shift, ffn_shift, wkv, {n: carried[n] for n in state.membranes}, state.signature)
     return model.head(model.ln_out(x)), next_state
+
+
+def step_function(
+    model: SpikeGPT, batch_size: int
+) -> Callable[[torch.Tensor, RecurrentState], tuple[torch.Tensor, RecurrentState]]:
+    """``(tokens, state) -> (logits, next_state)`` for ``batch_size`` sequences: :func:`compiled_step` where
+    :func:`compile_step` allows it, else ``model.step`` (the same results)."""
+    plan = compile_step(model, batch_size)
+    if plan is None:
+        return model.step
+    return lambda tokens, state: compiled_step(model, plan, tokens, state)
 
 
 def _copy_state(dst: RecurrentState, src: RecurrentState) -> None:

@@ -27,6 +27,7 @@ from ..data import (
 from ..data.text import IGNORE_INDEX, collate_windows
 from ..model import SpikeGPT
 from ..runs import RunConfig
+from .decoding import step_function
 from .stepping import evaluating
 
 
@@ -108,7 +109,8 @@ def perplexity(
     """Loss (nats per token), perplexity and bits per byte of ``model`` on ``windows`` in ``mode``.
 
     ``parallel`` runs each batch of windows in one pass; ``recurrent`` feeds the same windows one token per
-    ``model.step``, from a fresh state per window, as the training windows were seen.
+    step (``model.step``, compiled on the CPU where it applies), from a fresh state per window, as the training
+    windows were seen.
     """
     device = model.emb.weight.device
     byte_lengths = byte_lengths.to(device)
@@ -120,9 +122,9 @@ def perplexity(
             if mode == "parallel":
                 logits = model(ids)
             else:
-                state, steps = model.init_state(ids.shape[0]), []
+                state, steps, step = model.init_state(ids.shape[0]), [], step_function(model, ids.shape[0])
                 for t in range(ids.shape[1]):
-                    step_logits, state = model.step(ids[:, t], state)
+                    step_logits, state = step(ids[:, t], state)
                     steps.append(step_logits)
                 logits = torch.stack(steps, dim=1)
             nats += float(
