@@ -237,3 +237,17 @@ def test_recurrent_classification_runs_compiled_with_model_steps_results(precisi
     assert sorted(set(calls)) == [1, 2, 3, 4]  # texts of 9, 7, 4 and 1 tokens leave the batch one by one
     monkeypatch.setattr(classify, "step_function", lambda model, batch_size: model.step)
     assert torch.equal(compiled, class_logits(model, texts, "recurrent"))
+
+
+def test_a_bfloat16_model_loaded_from_a_checkpoint_steps_compiled_with_the_streaming_product(tmp_path):
+    from spikegpt_ft.model import load_model, save_official
+
+    path = save_official(tiny_model(vocab=VOCAB, n_embd=24).state_dict(), tmp_path / "model.pth")
+    model = load_model(path, dtype=torch.bfloat16)
+    plan = compile_step(model, 1)
+    assert plan is not None and all(p.stream for b in plan.blocks for p in b.products)
+    with torch.no_grad():
+        stepper, state = GraphedStepper(model, 1), model.init_state(1)
+        for row in tokens(1, seed=8):
+            expected, state = model.step(row, state)
+            assert torch.equal(stepper.step(row), expected)
