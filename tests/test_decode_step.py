@@ -15,7 +15,7 @@ from spikegpt_ft.adapters import SparsityMeter, attach_adapters, merge_adapters
 from spikegpt_ft.inference import GraphedStepper, cast_weights
 from spikegpt_ft.inference.decoding import compile_step
 from spikegpt_ft.ops import linear as linear_ops
-from spikegpt_ft.ops.decode import block_operands, decode_blocks
+from spikegpt_ft.ops.decode import block_operands, decode_blocks, stack_operands
 
 VOCAB, STEPS = 61, 6
 
@@ -91,7 +91,9 @@ def test_neurons_at_rest_start_from_v_reset():
     with torch.no_grad():
         operands = [block_operands(b, torch.float32, 2) for b in model.blocks]
         x = model.binarize(model.emb(ids))
-        out = decode_blocks(x, operands, fresh.att_shift, fresh.ffn_shift, fresh.wkv, slots(model, fresh))
+        out = decode_blocks(
+            x, stack_operands(operands), fresh.att_shift, fresh.ffn_shift, fresh.wkv, slots(model, fresh)
+        )
         expected, expected_state = model.step(ids, fresh)
     assert torch.equal(model.head(model.ln_out(out[0])), expected)
     assert all(torch.equal(a, b) for a, b in zip(carried(out[4]), expected_state.membranes.values(), strict=True))
@@ -105,7 +107,9 @@ def test_the_inputs_of_decode_blocks_are_left_as_they_were():
         shifts = state.att_shift.clone(), state.ffn_shift.clone(), state.wkv.clone()
         operands = [block_operands(b, torch.float32, 2) for b in model.blocks]
         x = model.binarize(model.emb(torch.tensor([6, 7])))
-        out = decode_blocks(x, operands, state.att_shift, state.ffn_shift, state.wkv, slots(model, state))
+        out = decode_blocks(
+            x, stack_operands(operands), state.att_shift, state.ffn_shift, state.wkv, slots(model, state)
+        )
     assert len(out[4]) == 9 * len(model.blocks) and len(carried(out[4])) == 2 * len(model.blocks) and out[5] == []
     expected, expected_state = model.step(torch.tensor([6, 7]), state)
     assert torch.equal(model.head(model.ln_out(out[0])), expected)

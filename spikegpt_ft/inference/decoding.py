@@ -50,9 +50,11 @@ from ..ops.decode import (
     PRODUCTS,
     BlockOperands,
     ProductOperands,
+    StackOperands,
     block_operands,
     decode_blocks,
     linear_operands,
+    stack_operands,
     unhooked,
 )
 
@@ -246,9 +248,11 @@ def _neuron_names(operands: list[BlockOperands]) -> list[str | None]:
 
 @dataclass(frozen=True)
 class CompiledStep:
-    """What :func:`compiled_step` runs: the blocks' operands and the state's name of each neuron slot."""
+    """What :func:`compiled_step` runs: the blocks' operands (as listed and as laid out for the kernel) and the
+    state's name of each neuron slot."""
 
     blocks: list[BlockOperands]
+    stack: StackOperands
     neurons: list[str | None]
     carried: frozenset[str]
 
@@ -277,7 +281,9 @@ def compile_step(model: SpikeGPT, batch_size: int) -> CompiledStep | None:
         return None
     neurons = _neuron_names(operands)
     carried = tuple(name for name in neurons if name is not None)
-    return CompiledStep(operands, neurons, frozenset(carried)) if tuple(model.carried_neurons()) == carried else None
+    if tuple(model.carried_neurons()) != carried:
+        return None
+    return CompiledStep(operands, stack_operands(operands), neurons, frozenset(carried))
 
 
 def compiled_step(
@@ -299,7 +305,7 @@ def compiled_step(
     x = model.binarize(model.emb(tokens))
     x, att_shift, ffn_shift, wkv, membranes, gated = decode_blocks(
         x,
-        plan.blocks,
+        plan.stack,
         state.att_shift,
         state.ffn_shift,
         state.wkv,

@@ -47,8 +47,8 @@ class ProductOperands:
     """One linear layer as the kernel multiplies it: ``x W^T`` (+ ``scaling * B (S(A x) * A x)`` with an adapter).
 
     ``scale``: int8 weights' per-row scale; ``stream``: the streaming kernel, else ATen's product; ``gate``:
-    ``None``, ``"temporal"`` (its membrane carried, under the neuron name ``gate_name``) or ``"pointwise"``,
-    with ``gate_settings`` ``(tau, v_threshold, v_reset)``.
+    ``None``, ``"temporal"`` (its membrane carried along the tokens) or ``"pointwise"`` (from rest at every
+    token), with ``gate_settings`` ``(tau, v_threshold, v_reset)``.
     """
 
     weight: torch.Tensor
@@ -137,9 +137,38 @@ def block_operands(
     return BlockOperands(tuple(tensors), products, tuple(lif_settings), eps.pop())
 
 
+@dataclass(frozen=True)
+class StackOperands:
+    """The operands of a stack of blocks laid out as the kernel reads them, flattened once (:func:`stack_operands`)."""
+
+    blocks: int
+    tensors: list[torch.Tensor | None]
+    stream: list[bool]
+    gates: list[int]
+    scalars: list[float]
+    lif_settings: list[float]
+    eps: float
+
+
+def stack_operands(blocks: list[BlockOperands]) -> StackOperands:
+    """Lay out ``blocks`` for :func:`decode_blocks`; every LayerNorm of the stack must share one ``eps``."""
+    if len({b.eps for b in blocks}) > 1:
+        raise ValueError("decode_blocks: every LayerNorm of the stack must have the same eps")
+    products = [p for b in blocks for p in b.products]
+    return StackOperands(
+        blocks=len(blocks),
+        tensors=[t for b in blocks for t in b.tensors],
+        stream=[p.stream for p in products],
+        gates=[GATES[p.gate] for p in products],
+        scalars=[v for p in products for v in (p.scaling, *p.gate_settings)],
+        lif_settings=[v for b in blocks for v in b.lif_settings],
+        eps=blocks[0].eps if blocks else 1e-5,
+    )
+
+
 def decode_blocks(
     x: torch.Tensor,
-    blocks: list[BlockOperands],
+    stack: StackOperands,
     att_shift: torch.Tensor,
     ffn_shift: torch.Tensor,
     wkv_state: torch.Tensor,
@@ -148,7 +177,7 @@ def decode_blocks(
 ) -> tuple[
     torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, list[torch.Tensor | None], list[torch.Tensor | None]
 ]:
-    """One token per sequence through the blocks: ``x`` ``[B, C]`` after the embedding, the state of all blocks.
+    """One token per sequence through the blocks of ``stack``: ``x`` ``[B, C]`` after the embedding, their state.
 
     ``att_shift``/``ffn_shift`` ``[L, B, C]`` and ``wkv_state`` ``[L, B, 3, C]`` are float32. ``membranes``
     holds, per block, the membrane ``[B, width]`` (``None``: at rest) of each product's gate in
@@ -157,22 +186,19 @@ def decode_blocks(
     where nothing is carried; new tensors, the inputs are not changed) and, with ``record``, each product's
     gated down-projection ``S(A x) * A x`` ``[B, r]`` (``None`` without gate). CPU only, without gradients.
     """
-    if len({b.eps for b in blocks}) > 1:
-        raise ValueError("decode_blocks: every LayerNorm of the stack must have the same eps")
-    products = [p for b in blocks for p in b.products]
     out = extension().decode_blocks(
         x,
-        [t for b in blocks for t in b.tensors],
-        [p.stream for p in products],
-        [GATES[p.gate] for p in products],
-        [v for p in products for v in (p.scaling, *p.gate_settings)],
+        stack.tensors,
+        stack.stream,
+        stack.gates,
+        stack.scalars,
         att_shift,
         ffn_shift,
         wkv_state,
         membranes,
-        [v for b in blocks for v in b.lif_settings],
-        blocks[0].eps if blocks else 1e-5,
+        stack.lif_settings,
+        stack.eps,
         record,
     )
-    n_membranes = len(blocks) * (len(PRODUCTS) + len(NEURONS))
+    n_membranes = stack.blocks * (len(PRODUCTS) + len(NEURONS))
     return out[0], out[1], out[2], out[3], list(out[4 : 4 + n_membranes]), list(out[4 + n_membranes :])

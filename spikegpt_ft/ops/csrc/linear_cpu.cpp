@@ -132,23 +132,13 @@ AVX2_TARGET void stream_rows_avx2(const StreamArgs<W, Out>& a, int64_t n) {
   }
 }
 
-template <int M, typename W, typename Out>
-AVX2_TARGET void stream_avx2_m(const StreamArgs<W, Out>& a, int64_t n0, int64_t n1) {
-  constexpr int R = M <= 2 ? 4 : 2;  // at most 8 accumulators, 4 independent sums for one row
-  int64_t n = n0;
-  for (; n + R <= n1; n += R) stream_rows_avx2<M, R>(a, n);
-  for (; n < n1; ++n) stream_rows_avx2<M, 1>(a, n);
-}
-
-template <typename W, typename Out>
-void stream_avx2(const StreamArgs<W, Out>& a, int64_t n0, int64_t n1) {
-  switch (a.M) {
-    case 1: return stream_avx2_m<1>(a, n0, n1);
-    case 2: return stream_avx2_m<2>(a, n0, n1);
-    case 3: return stream_avx2_m<3>(a, n0, n1);
-    default: return stream_avx2_m<4>(a, n0, n1);
-  }
-}
+// The AVX2 kernel: at most 8 accumulators, 4 independent sums for one row.
+struct Avx2 {
+  template <int M>
+  static constexpr int kWeightRows = M <= 2 ? 4 : 2;
+  template <int M, int R, typename W, typename Out>
+  static void rows(const StreamArgs<W, Out>& a, int64_t n) { stream_rows_avx2<M, R>(a, n); }
+};
 
 // Sixteen weights as float32.
 AVX512_TARGET inline __m512 load16(const uint16_t* p) {
@@ -186,21 +176,32 @@ AVX512_TARGET void stream_rows_avx512(const StreamArgs<W, Out>& a, int64_t n) {
   }
 }
 
-template <int M, typename W, typename Out>
-AVX512_TARGET void stream_avx512_m(const StreamArgs<W, Out>& a, int64_t n0, int64_t n1) {
-  constexpr int R = M == 1 ? 8 : 4;  // 8 to 16 accumulators of the 32 registers: 8 independent sums for one row
+// The AVX-512 kernel: 8 to 16 accumulators of the 32 registers, 8 independent sums for one row.
+struct Avx512 {
+  template <int M>
+  static constexpr int kWeightRows = M == 1 ? 8 : 4;
+  template <int M, int R, typename W, typename Out>
+  static void rows(const StreamArgs<W, Out>& a, int64_t n) { stream_rows_avx512<M, R>(a, n); }
+};
+
+// Weight rows [n0, n1) by a.M <= 4 rows of x with one vector kernel: Isa::kWeightRows weight rows at a time,
+// then one by one. The row kernels carry their instruction set's target attribute (a shared template could
+// only carry both, and then emit AVX-512 into the AVX2 kernel), so they stay apart; this loop is common.
+template <typename Isa, int M, typename W, typename Out>
+void stream_vector_m(const StreamArgs<W, Out>& a, int64_t n0, int64_t n1) {
+  constexpr int R = Isa::template kWeightRows<M>;
   int64_t n = n0;
-  for (; n + R <= n1; n += R) stream_rows_avx512<M, R>(a, n);
-  for (; n < n1; ++n) stream_rows_avx512<M, 1>(a, n);
+  for (; n + R <= n1; n += R) Isa::template rows<M, R>(a, n);
+  for (; n < n1; ++n) Isa::template rows<M, 1>(a, n);
 }
 
-template <typename W, typename Out>
-void stream_avx512(const StreamArgs<W, Out>& a, int64_t n0, int64_t n1) {
+template <typename Isa, typename W, typename Out>
+void stream_vector(const StreamArgs<W, Out>& a, int64_t n0, int64_t n1) {
   switch (a.M) {
-    case 1: return stream_avx512_m<1>(a, n0, n1);
-    case 2: return stream_avx512_m<2>(a, n0, n1);
-    case 3: return stream_avx512_m<3>(a, n0, n1);
-    default: return stream_avx512_m<4>(a, n0, n1);
+    case 1: return stream_vector_m<Isa, 1>(a, n0, n1);
+    case 2: return stream_vector_m<Isa, 2>(a, n0, n1);
+    case 3: return stream_vector_m<Isa, 3>(a, n0, n1);
+    default: return stream_vector_m<Isa, 4>(a, n0, n1);
   }
 }
 #endif
@@ -263,11 +264,11 @@ void run_stream(const StreamArgs<W, Out>& a, Kernel kernel) {
         rows.M = std::min(kMaxStreamRows, a.M - m0);
 #ifdef HAVE_X86_KERNELS
         if (kernel == Kernel::kAvx512) {
-          stream_avx512(rows, b0, b1);
+          stream_vector<Avx512>(rows, b0, b1);
           continue;
         }
         if (kernel == Kernel::kAvx2) {
-          stream_avx2(rows, b0, b1);
+          stream_vector<Avx2>(rows, b0, b1);
           continue;
         }
 #endif
