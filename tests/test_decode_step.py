@@ -1,8 +1,9 @@
 """The compiled CPU step (ops/decode.py, csrc/decode_cpu.cpp) against model.step, its reference: bitwise.
 
 Every precision of inference (float32, bfloat16, int8 weights), batches of 1, 2, 3 and 64 sequences (the
-streaming product for few rows, oneDNN's where the CPU takes it for more), an odd width; and the cases in
-which the stepper must not take it (adapters, hooks, other neuron settings), where model.step runs instead.
+streaming product for few rows, the AMX kernel or oneDNN's where the CPU takes them for more), an odd width;
+and the cases in which the stepper must not take it (adapters, hooks, other neuron settings), where model.step
+runs instead.
 """
 
 from __future__ import annotations
@@ -69,13 +70,21 @@ def test_compiled_step_is_bitwise_model_step(precision, batch):
     assert fired > 0  # the neurons spiked: the LIF path was exercised, not only the linear layers
 
 
-@pytest.mark.parametrize("matrix_units", [True, False])
-def test_both_products_of_many_bfloat16_rows_are_those_of_the_modules(matrix_units, monkeypatch):
-    """64 rows: oneDNN's product where the CPU has bfloat16 matrix units, the streaming kernel where not."""
+#: The product of many bfloat16 rows: (bfloat16 matrix units, AMX usable) -> the compiled step's kernel.
+MANY_ROW_KERNELS = {(True, True): "amx", (True, False): "aten", (False, False): "stream"}
+
+
+@pytest.mark.parametrize(("matrix_units", "amx"), list(MANY_ROW_KERNELS))
+def test_every_product_of_many_bfloat16_rows_is_that_of_the_modules(matrix_units, amx, monkeypatch):
+    """64 rows: the AMX kernel where the CPU has AMX, oneDNN's product where it has other bfloat16 matrix
+    units, the streaming kernel where none."""
+    if amx and not linear_ops.amx_usable():
+        pytest.skip("this CPU cannot run the AMX kernel (no AMX-BF16)")
     monkeypatch.setattr(linear_ops, "has_bf16_matrix_units", lambda: matrix_units)
+    monkeypatch.setattr(linear_ops, "amx_usable", lambda: amx)
     model = model_in("bfloat16")
     plan = compile_step(model, 64)
-    assert all(p.stream == (not matrix_units) for o in plan.blocks for p in o.products)
+    assert all(p.kernel == MANY_ROW_KERNELS[matrix_units, amx] for o in plan.blocks for p in o.products)
     with torch.no_grad():
         stepper, state = GraphedStepper(model, 64), model.init_state(64)
         for row in tokens(64, seed=9):
@@ -243,13 +252,46 @@ def test_recurrent_classification_runs_compiled_with_model_steps_results(precisi
     assert torch.equal(compiled, class_logits(model, texts, "recurrent"))
 
 
+@pytest.mark.skipif(not linear_ops.amx_usable(), reason="this CPU cannot run the AMX kernel (no AMX-BF16)")
+@pytest.mark.parametrize("inference_tensors", [False, True])
+def test_the_compiled_step_sees_a_weight_changed_in_place_through_its_amx_layout(inference_tensors):
+    """The stepper's products read the AMX layout of each weight: a weight changed after the stepper was made
+    (between its steps, before anything else multiplies with it) is seen at the next step."""
+    model = model_in("bfloat16")
+    with torch.inference_mode() if inference_tensors else torch.no_grad():
+        if inference_tensors:  # weights without a version counter to tell a change by
+            for module in model.modules():
+                for name, p in list(module.named_parameters(recurse=False)):
+                    setattr(module, name, torch.nn.Parameter(p.clone(), requires_grad=False))
+            assert model.blocks[1].ffn.key.weight.is_inference()
+        weights = model.blocks[1].ffn.key.weight, model.blocks[2].att.output.weight
+        after = [-1.5 * weights[0], torch.randn(weights[1].shape, generator=torch.Generator().manual_seed(3))]
+        stepper = GraphedStepper(model, 64)
+        assert stepper.uses_compiled_step
+        rows = tokens(64, seed=10)
+        got = [stepper.step(rows[0]).clone()]  # the stepper returns its own buffer, overwritten at each step
+        for w, new in zip(weights, after, strict=True):
+            w.copy_(new)
+        got += [stepper.step(row).clone() for row in rows[1:]]
+    # the reference: model.step of fresh models (no layout made before) with the weights of each token
+    with torch.no_grad():
+        expected, state = model_in("bfloat16").step(rows[0], model_in("bfloat16").init_state(64))
+        assert torch.equal(got[0], expected)
+        changed = model_in("bfloat16")
+        for w, new in zip((changed.blocks[1].ffn.key.weight, changed.blocks[2].att.output.weight), after, strict=True):
+            w.copy_(new)
+        for row, out in zip(rows[1:], got[1:], strict=True):
+            expected, state = changed.step(row, state)
+            assert torch.equal(out, expected)
+
+
 def test_a_bfloat16_model_loaded_from_a_checkpoint_steps_compiled_with_the_streaming_product(tmp_path):
     from spikegpt_ft.model import load_model, save_official
 
     path = save_official(tiny_model(vocab=VOCAB, n_embd=24).state_dict(), tmp_path / "model.pth")
     model = load_model(path, dtype=torch.bfloat16)
     plan = compile_step(model, 1)
-    assert plan is not None and all(p.stream for b in plan.blocks for p in b.products)
+    assert plan is not None and all(p.kernel == "stream" for b in plan.blocks for p in b.products)
     with torch.no_grad():
         stepper, state = GraphedStepper(model, 1), model.init_state(1)
         for row in tokens(1, seed=8):

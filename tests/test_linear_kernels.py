@@ -68,3 +68,56 @@ def test_bad_calls_are_refused_clearly():
         extension().stream_linear(x[:, :5], w, None, None, "auto")
     with pytest.raises(RuntimeError, match="one value per output"):
         extension().stream_linear(x, w, None, torch.zeros(3), "auto")
+
+
+amx = pytest.mark.skipif(not extension().amx_usable(), reason="this CPU cannot run the AMX kernel (no AMX-BF16)")
+
+
+@amx
+@pytest.mark.parametrize("rows", [1, 2, 3, 5, 17, 64, 130])
+@pytest.mark.parametrize(("n", "k"), [(1, 1), (7, 5), (13, 29), (300, 40), (37, 768), (9, 1031), (64, 3072)])
+@pytest.mark.parametrize("bias", [False, True])
+def test_amx_product_is_the_float64_product_up_to_float32_sums_and_one_rounding(rows, n, k, bias):
+    """The AMX kernel, sizes that do and do not fill its tiles (16 rows, 32 outputs, 32-wide reductions)."""
+    weight, _, w = _weights("bfloat16", n, k, seed=n * k)
+    g = torch.Generator().manual_seed(rows)
+    x = torch.randn(rows, k, generator=g).to(torch.bfloat16)
+    b = torch.randn(n, generator=g).to(torch.bfloat16) if bias else None
+    out = extension().amx_linear(x, extension().amx_pack_weight(weight), n, b)
+    assert out.shape == (rows, n) and out.dtype == torch.bfloat16
+    reference = x.double() @ w.T + (b.double() if bias else 0)
+    terms = x.double().abs() @ w.abs().T + (b.double().abs() if bias else 0)
+    bound = (k + 3) * 2.0**-24 * terms * (1 + BF16_ROUNDING) + BF16_ROUNDING * reference.abs()
+    assert torch.all((out.double() - reference).abs() <= bound)
+
+
+@amx
+def test_amx_packing_is_the_weight_tile_by_tile():
+    """The layout the kernel reads: pairs of 16 outputs, 32-wide blocks of k, neighbouring k side by side."""
+    weight = torch.arange(45 * 70, dtype=torch.float32).view(45, 70).to(torch.bfloat16)
+    packed = extension().amx_pack_weight(weight)
+    assert packed.shape == (2, 3, 2, 16, 16, 2)
+    for n, k in [(0, 0), (1, 0), (0, 1), (17, 33), (44, 69), (31, 2)]:
+        pair, tile, row = n // 32, n % 32 // 16, n % 16
+        assert torch.equal(packed[pair, k // 32, tile, k % 32 // 2, row, k % 2], weight[n, k])
+    padding = torch.ones(64, 96, dtype=torch.bool)
+    padding[:45, :70] = False
+    unpacked = packed.permute(0, 2, 4, 1, 3, 5).reshape(64, 96)
+    assert torch.equal(unpacked[:45, :70], weight) and not unpacked[padding].any()
+
+
+@amx
+def test_bad_amx_calls_are_refused_clearly():
+    w = torch.zeros(40, 64, dtype=torch.bfloat16)
+    packed = extension().amx_pack_weight(w)
+    x = torch.zeros(8, 64, dtype=torch.bfloat16)
+    with pytest.raises(RuntimeError, match=r"not amx_pack_weight of a \[40, 96\] weight"):
+        extension().amx_linear(torch.zeros(8, 96, dtype=torch.bfloat16), packed, 40, None)
+    with pytest.raises(RuntimeError, match=r"not amx_pack_weight of a \[70, 64\] weight"):
+        extension().amx_linear(x, packed, 70, None)
+    with pytest.raises(RuntimeError, match="x must be a"):
+        extension().amx_linear(x.float(), packed, 40, None)
+    with pytest.raises(RuntimeError, match="one value per output"):
+        extension().amx_linear(x, packed, 40, torch.zeros(3))
+    with pytest.raises(RuntimeError, match="2-D bfloat16"):
+        extension().amx_pack_weight(w.float())

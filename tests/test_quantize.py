@@ -159,9 +159,10 @@ def test_decoding_linear_is_nn_linear_for_other_dtypes_and_gradients(monkeypatch
     row = rows[:1].clone().requires_grad_()
     with torch.no_grad():
         assert not layer.uses_kernel(rows[:1].float())
-        # where the CPU has bfloat16 matrix units, oneDNN multiplies more than STREAM_MAX_ROWS rows
+        # where the CPU has bfloat16 matrix units but no AMX, oneDNN multiplies more than STREAM_MAX_ROWS rows
         monkeypatch.setattr(linear_ops, "has_bf16_matrix_units", lambda: True)
-        assert layer.uses_kernel(rows[:STREAM_MAX_ROWS]) and not layer.uses_kernel(rows)
+        monkeypatch.setattr(linear_ops, "amx_usable", lambda: False)
+        assert layer.kernel_for(rows[:STREAM_MAX_ROWS]) == "stream" and layer.kernel_for(rows) is None
         assert torch.equal(layer(rows), plain(rows))
         monkeypatch.setattr(linear_ops, "has_bf16_matrix_units", lambda: False)
         assert layer.uses_kernel(rows)
@@ -198,3 +199,31 @@ def test_bad_requests_are_refused_clearly():
     cast_weights(model, "int8")
     with pytest.raises(ValueError, match="int8 already"):
         cast_weights(model, "float32")
+
+
+@pytest.mark.skipif(not linear_ops.amx_usable(), reason="this CPU cannot run the AMX kernel (no AMX-BF16)")
+def test_amx_layer_follows_its_weight_changed_in_place_or_replaced():
+    """The AMX layout is a copy of the weight, kept between products: every change to the weight must reach it."""
+    layer = _fast(_linear(40, 70, seed=4).to(torch.bfloat16))
+    rows = torch.randn(64, 40, generator=torch.Generator().manual_seed(4)).to(torch.bfloat16)
+
+    def fresh_result() -> torch.Tensor:  # a new layer with the same weight: packed from scratch
+        return _fast(layer)(rows)
+
+    with torch.inference_mode():
+        assert layer.kernel_for(rows) == "amx"
+        first = layer(rows)
+        assert layer.packed_weight() is layer.packed_weight()  # kept while the weight is unchanged
+        assert torch.equal(first, fresh_result())
+    with torch.no_grad():
+        layer.weight.mul_(2)  # exact in bfloat16, and so are the doubled float32 sums
+    with torch.inference_mode():
+        assert torch.equal(layer(rows), first * 2)
+        layer.weight.add_(0.5)  # in place under inference mode
+        assert torch.equal(layer(rows), fresh_result())
+    layer.weight.data = torch.randn(70, 40).to(torch.bfloat16)  # the same parameter on other memory
+    with torch.inference_mode():
+        assert torch.equal(layer(rows), fresh_result())
+    layer.weight = nn.Parameter(torch.randn(70, 40).to(torch.bfloat16))
+    with torch.inference_mode():
+        assert torch.equal(layer(rows), fresh_result())

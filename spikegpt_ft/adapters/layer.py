@@ -19,6 +19,7 @@ what the base model does. The attribute names ``base``, ``lora_A``, ``lora_B`` a
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import torch
@@ -125,15 +126,13 @@ class AdapterLinear(nn.Module):
             if found is None:
                 return None
             settings = found
-        return ProductOperands(
-            base.weight,
-            base.scale,
-            base.stream,
-            self.lora_A,
-            self.lora_B,
-            float(self.scaling),
-            self.gate_mode,
-            settings,
+        return dataclasses.replace(
+            base,
+            lora_A=self.lora_A,
+            lora_B=self.lora_B,
+            scaling=float(self.scaling),
+            gate=self.gate_mode,
+            gate_settings=settings,
         )
 
     @torch.no_grad()

@@ -26,7 +26,7 @@ from torch import nn
 
 from .extension import extension
 from .lif import CompiledLIFNode
-from .linear import Int8Linear, Linear, streams
+from .linear import Int8Linear, Linear, compiled_product
 
 #: The parameters of a block in the kernel's order (``Slot`` in ``csrc/decode_cpu.cpp``), before the products.
 MIX_TENSORS = (
@@ -40,20 +40,25 @@ LAYER_NORMS = ("ln0", "ln1", "ln2")
 NEURONS = ("lif1", "lif2")
 #: An adapter's gate, as the kernel numbers it.
 GATES = {None: 0, "temporal": 1, "pointwise": 2}
+#: How a product is multiplied, as the kernel numbers it (``Kernel`` in ``csrc/decode_cpu.cpp``).
+KERNELS = {"aten": 0, "stream": 1, "amx": 2}
 
 
 @dataclass(frozen=True)
 class ProductOperands:
     """One linear layer as the kernel multiplies it: ``x W^T`` (+ ``scaling * B (S(A x) * A x)`` with an adapter).
 
-    ``scale``: int8 weights' per-row scale; ``stream``: the streaming kernel, else ATen's product; ``gate``:
-    ``None``, ``"temporal"`` (its membrane carried along the tokens) or ``"pointwise"`` (from rest at every
-    token), with ``gate_settings`` ``(tau, v_threshold, v_reset)``.
+    ``scale``: int8 weights' per-row scale; ``kernel``: ``stream`` (the streaming kernel), ``amx`` (the AMX
+    kernel on ``packed``, :meth:`Linear.packed_weight`, which ``layer`` refreshes) or ``aten`` (ATen's product);
+    ``gate``: ``None``, ``"temporal"`` (its membrane carried along the tokens) or ``"pointwise"`` (from rest at
+    every token), with ``gate_settings`` ``(tau, v_threshold, v_reset)``.
     """
 
     weight: torch.Tensor
     scale: torch.Tensor | None
-    stream: bool
+    kernel: str
+    packed: torch.Tensor | None = None
+    layer: Linear | None = None
     lora_A: torch.Tensor | None = None  # noqa: N815 - PEFT's name
     lora_B: torch.Tensor | None = None  # noqa: N815 - PEFT's name
     scaling: float = 0.0
@@ -84,9 +89,12 @@ def unhooked(module: nn.Module, kind: type) -> bool:
 def linear_operands(layer: nn.Module, dtype: torch.dtype, rows: int) -> ProductOperands | None:
     """A bias-free :class:`Linear` or :class:`Int8Linear` as it multiplies ``rows`` rows of ``dtype``, else ``None``."""
     if unhooked(layer, Int8Linear) and layer.bias is None:
-        return ProductOperands(layer.weight_int8, layer.scale, True)
+        return ProductOperands(layer.weight_int8, layer.scale, "stream")
     if unhooked(layer, Linear) and layer.bias is None and layer.weight.dtype == dtype:
-        return ProductOperands(layer.weight, None, streams(rows, dtype, dtype))
+        kernel = compiled_product(rows, dtype, dtype) or "aten"
+        if kernel == "amx":
+            return ProductOperands(layer.weight, None, kernel, layer.packed_weight(), layer)
+        return ProductOperands(layer.weight, None, kernel)
     return None
 
 
@@ -100,7 +108,8 @@ def block_operands(
 
     ``product`` describes each linear layer (default: plain layers only). ``None`` where the block is not built
     of exactly the modules the kernel implements (see the module docstring). The tensors are the block's own,
-    not copies: weights changed in place are seen.
+    not copies: weights changed in place are seen (the AMX layout of a weight, a copy, is taken from its
+    layer by :func:`decode_blocks` at every call, made again where the weight has changed).
     """
     tensors: list[torch.Tensor | None] = []
     eps = set()
@@ -124,7 +133,7 @@ def block_operands(
     if any(p is None for p in products):
         return None
     for p in products:
-        tensors += [p.weight, p.scale, p.lora_A, p.lora_B]
+        tensors += [p.weight, p.scale, p.packed, p.lora_A, p.lora_B]
     lif_settings: list[float] = []
     for name in NEURONS:
         node = getattr(block, name)
@@ -143,11 +152,13 @@ class StackOperands:
 
     blocks: int
     tensors: list[torch.Tensor | None]
-    stream: list[bool]
+    kernels: list[int]
     gates: list[int]
     scalars: list[float]
     lif_settings: list[float]
     eps: float
+    #: Where in ``tensors`` an AMX layout goes, and the layer that makes it (:meth:`Linear.packed_weight`).
+    packed: list[tuple[int, Linear]]
 
 
 def stack_operands(blocks: list[BlockOperands]) -> StackOperands:
@@ -155,14 +166,21 @@ def stack_operands(blocks: list[BlockOperands]) -> StackOperands:
     if len({b.eps for b in blocks}) > 1:
         raise ValueError("decode_blocks: every LayerNorm of the stack must have the same eps")
     products = [p for b in blocks for p in b.products]
+    packed, offset = [], 0
+    for b in blocks:
+        for p in b.products:
+            if p.layer is not None:
+                packed.append((offset + next(i for i, t in enumerate(b.tensors) if t is p.packed), p.layer))
+        offset += len(b.tensors)
     return StackOperands(
         blocks=len(blocks),
         tensors=[t for b in blocks for t in b.tensors],
-        stream=[p.stream for p in products],
+        kernels=[KERNELS[p.kernel] for p in products],
         gates=[GATES[p.gate] for p in products],
         scalars=[v for p in products for v in (p.scaling, *p.gate_settings)],
         lif_settings=[v for b in blocks for v in b.lif_settings],
         eps=blocks[0].eps if blocks else 1e-5,
+        packed=packed,
     )
 
 
@@ -186,10 +204,15 @@ def decode_blocks(
     where nothing is carried; new tensors, the inputs are not changed) and, with ``record``, each product's
     gated down-projection ``S(A x) * A x`` ``[B, r]`` (``None`` without gate). CPU only, without gradients.
     """
+    tensors = stack.tensors
+    if stack.packed:  # each AMX layout as its layer has it now: made again where the weight has changed
+        tensors = list(tensors)
+        for index, layer in stack.packed:
+            tensors[index] = layer.packed_weight()
     out = extension().decode_blocks(
         x,
-        stack.tensors,
-        stack.stream,
+        tensors,
+        stack.kernels,
         stack.gates,
         stack.scalars,
         att_shift,

@@ -1,4 +1,5 @@
-"""The compiled kernels of ``csrc/``: WKV, and on the CPU the LIF neuron and the bf16 decoding linear layer.
+"""The compiled kernels of ``csrc/``: WKV, and on the CPU the LIF neuron, the inference products (streaming,
+AMX) and the recurrent step.
 
 One extension holds every kernel, with one bindings file (``csrc/ops.cpp``). It is built by
 ``torch.utils.cpp_extension.load`` with ninja at first use, into the torch extensions cache; the CUDA
@@ -21,7 +22,7 @@ log = logging.getLogger(__name__)
 KERNEL_DIR = Path(__file__).resolve().parent / "csrc"
 
 #: The C++ sources of every build, bindings first.
-CPU_SOURCES = ("ops.cpp", "wkv_cpu.cpp", "lif_cpu.cpp", "linear_cpu.cpp", "decode_cpu.cpp")
+CPU_SOURCES = ("ops.cpp", "wkv_cpu.cpp", "lif_cpu.cpp", "linear_cpu.cpp", "amx_linear.cpp", "decode_cpu.cpp")
 #: The CUDA sources added when a GPU build is possible.
 CUDA_SOURCES = ("wkv_cuda.cu",)
 

@@ -10,8 +10,11 @@ bfloat16 without gradients its product is chosen by what the CPU can do (:func:`
   for any number of rows on CPUs without bfloat16 matrix arithmetic, where PyTorch's bfloat16 product is
   emulated (a quarter of the float32 rate, BENCHMARKS.md), and for up to :data:`STREAM_MAX_ROWS` rows on
   the others;
-- ``torch``: ``nn.Linear``'s own product, everywhere else: gradients, other dtypes or devices, and on CPUs
-  with AVX512-BF16 or AMX-BF16 for more rows (oneDNN runs them on those units).
+- ``amx``: on CPUs with AMX-BF16, for more rows, the compiled AMX kernel (``csrc/amx_linear.cpp``) on a copy
+  of the weight laid out for the tiles (:meth:`Linear.packed_weight`: made at the first such product, made
+  again when the weight changes; it doubles the layer's weight memory);
+- ``torch``: ``nn.Linear``'s own product, everywhere else: gradients, other dtypes or devices, and for more
+  rows on CPUs with AVX512-BF16 but no AMX (oneDNN runs them on those units).
 
 :class:`Int8Linear` stores a weight as int8 with one scale per output channel (symmetric, ``W ~ s * W8``
 with ``s = max|W_row| / 127`` rounded up to bfloat16) and always multiplies with the streaming kernel: half
@@ -45,15 +48,32 @@ def has_bf16_matrix_units() -> bool:
 
 
 @functools.cache
+def amx_usable() -> bool:
+    """Whether this process runs the AMX product (the CPU has AMX-BF16, the build has the kernel, Linux allows it)."""
+    return bool(extension().amx_usable())
+
+
+def matrix_kernel() -> str | None:
+    """The product for more than :data:`STREAM_MAX_ROWS` bfloat16 rows where the CPU has bfloat16 matrix units:
+    ``amx`` (this package's AMX kernel) or ``torch`` (oneDNN), ``None`` where it has none (the streaming kernel)."""
+    if not has_bf16_matrix_units():
+        return None
+    return "amx" if amx_usable() else "torch"
+
+
+@functools.cache
 def stream_kernel() -> str:
     """The streaming kernel this CPU runs: ``avx512`` (AVX-512F), ``avx2`` (AVX2 and FMA) or ``portable``."""
     return extension().linear_kernels()[0]
 
 
 def product_kernel(rows: int, weight_dtype: torch.dtype) -> str:
-    """The product a CPU inference layer uses for ``rows`` rows: ``stream-`` and :func:`stream_kernel`, or ``torch``."""
-    if weight_dtype == torch.bfloat16 and rows > STREAM_MAX_ROWS and has_bf16_matrix_units():
-        return "torch"
+    """The product a CPU inference layer uses for ``rows`` rows: ``stream-`` and :func:`stream_kernel`, ``amx``
+    or ``torch``."""
+    if weight_dtype == torch.bfloat16 and rows > STREAM_MAX_ROWS:
+        matrix = matrix_kernel()
+        if matrix is not None:
+            return matrix
     return f"stream-{stream_kernel()}"
 
 
@@ -92,39 +112,68 @@ class Int8Linear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
 
 
-def streams(rows: int, x_dtype: torch.dtype, weight_dtype: torch.dtype) -> bool:
-    """Whether a :class:`Linear` inference product of ``rows`` rows on the CPU runs the streaming kernel.
+def compiled_product(rows: int, x_dtype: torch.dtype, weight_dtype: torch.dtype) -> str | None:
+    """The compiled kernel of a :class:`Linear` inference product of ``rows`` rows on the CPU: ``stream``, ``amx``,
+    or ``None`` for ``nn.Linear``'s own.
 
     bfloat16 input and weight, and the CPU's choice of kernel for that many rows (:func:`product_kernel`).
     """
-    return (
-        x_dtype == torch.bfloat16
-        and weight_dtype == torch.bfloat16
-        and rows > 0
-        and product_kernel(rows, torch.bfloat16) != "torch"
-    )
+    if x_dtype != torch.bfloat16 or weight_dtype != torch.bfloat16 or rows <= 0:
+        return None
+    kernel = product_kernel(rows, torch.bfloat16)
+    return None if kernel == "torch" else kernel.split("-")[0]
 
 
 class Linear(nn.Linear):
     """SpikeGPT's linear layer: ``nn.Linear``, whose bfloat16 CPU inference product is :func:`product_kernel`'s.
 
     The result differs from ``nn.Linear``'s only in the order of the float32 additions before the rounding
-    to bfloat16.
+    to bfloat16 (and, on AMX, in denormal products counting as zero, as in oneDNN's).
     """
 
-    def uses_kernel(self, x: torch.Tensor) -> bool:
-        """Whether ``self(x)`` runs the streaming kernel (bfloat16 on the CPU, no gradient, the CPU's choice)."""
+    #: The weight laid out for the AMX kernel; the weight it was made from (a view, which keeps its memory from
+    #: being reused by another tensor) and that weight's version then.
+    _packed: tuple[torch.Tensor, torch.Tensor, int] | None = None
+
+    def kernel_for(self, x: torch.Tensor) -> str | None:
+        """The compiled kernel ``self(x)`` runs (``stream`` or ``amx``: bfloat16 on the CPU, no gradient, the
+        CPU's choice), or ``None`` for ``nn.Linear``'s product."""
         # the dtype first: float32 layers, the training path, answer after one comparison
-        return (
-            x.dtype == torch.bfloat16
-            and streams(x.numel() // self.in_features, x.dtype, self.weight.dtype)
-            and x.device.type == "cpu"
-            and self.weight.device.type == "cpu"
-            and not needs_autograd(x, *((self.weight,) if self.bias is None else (self.weight, self.bias)))
-        )
+        if x.dtype != torch.bfloat16 or x.device.type != "cpu" or self.weight.device.type != "cpu":
+            return None
+        if needs_autograd(x, *((self.weight,) if self.bias is None else (self.weight, self.bias))):
+            return None
+        return compiled_product(x.numel() // self.in_features, x.dtype, self.weight.dtype)
+
+    def uses_kernel(self, x: torch.Tensor) -> bool:
+        """Whether ``self(x)`` runs a compiled kernel (:meth:`kernel_for`)."""
+        return self.kernel_for(x) is not None
+
+    def packed_weight(self) -> torch.Tensor:
+        """The weight laid out for the AMX kernel: made at the first call and kept, made again whenever the
+        weight has changed since (in place, or replaced).
+
+        A weight made under ``torch.inference_mode`` has no version counter to tell a change by: its layout is
+        made at every call (correct, at the cost of a copy of the weight per product).
+        """
+        weight = self.weight
+        if weight.is_inference():
+            return extension().amx_pack_weight(weight.detach())
+        if self._packed is not None:
+            packed, made_from, version = self._packed
+            if made_from.data_ptr() == weight.data_ptr() and version == weight._version:
+                return packed
+        made_from = weight.detach()
+        self._packed = (extension().amx_pack_weight(made_from), made_from, weight._version)
+        return self._packed[0]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.uses_kernel(x):
+        kernel = self.kernel_for(x)
+        if kernel is None:
             return super().forward(x)
-        out = extension().stream_linear(x.reshape(-1, self.in_features), self.weight, None, self.bias, "auto")
+        rows = x.reshape(-1, self.in_features)
+        if kernel == "amx":
+            out = extension().amx_linear(rows, self.packed_weight(), self.out_features, self.bias)
+        else:
+            out = extension().stream_linear(rows, self.weight, None, self.bias, "auto")
         return out.view(*x.shape[:-1], self.out_features)

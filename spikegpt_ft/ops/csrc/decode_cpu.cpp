@@ -21,19 +21,23 @@ std::vector<torch::Tensor> lif_forward_cpu(torch::Tensor x, torch::Tensor v0, do
                                            double v_reset);
 torch::Tensor stream_linear_cpu(torch::Tensor x, torch::Tensor weight, std::optional<torch::Tensor> scale,
                                 std::optional<torch::Tensor> bias, const std::string& kernel);
+torch::Tensor amx_linear_cpu(torch::Tensor x, torch::Tensor packed, int64_t N, std::optional<torch::Tensor> bias);
 
 namespace {
 
 // The tensors of one block, in this order (None where a block has no such tensor: ln0 after block 0, the
-// scales of bfloat16 or float32 weights, the LoRA matrices of a layer without adapter).
+// scales of bfloat16 or float32 weights, the AMX layout of weights multiplied otherwise, the LoRA matrices of a
+// layer without adapter).
 enum Slot : int64_t {
   kLn0Weight, kLn0Bias, kLn1Weight, kLn1Bias, kLn2Weight, kLn2Bias,
   kAttMixK, kAttMixV, kAttMixR, kTimeDecay, kTimeFirst, kFfnMixK, kFfnMixR,
-  kProductSlots  // then, per product: weight, scale, lora_A, lora_B
+  kProductSlots  // then, per product: weight, scale, packed weight, lora_A, lora_B
 };  // clang-format off
 // The products of one block: att.key, att.value, att.receptance, att.output, ffn.key, ffn.receptance, ffn.value.
 enum Product : int64_t { kAttKey, kAttValue, kAttReceptance, kAttOutput, kFfnKey, kFfnReceptance, kFfnValue, kProducts };
-constexpr int64_t kTensorsPerProduct = 4;
+constexpr int64_t kTensorsPerProduct = 5;
+// How a product is multiplied: ATen's product, the streaming kernel, the AMX kernel on the packed weight.
+enum Kernel : int64_t { kAten, kStream, kAmx };
 constexpr int64_t kSlots = kProductSlots + kProducts * kTensorsPerProduct;
 // Per product: scaling, then the gate's tau, v_threshold, v_reset.
 constexpr int64_t kProductScalars = 4;
@@ -61,7 +65,7 @@ torch::Tensor fire(const torch::Tensor& x, const torch::Tensor& v0, torch::Tenso
 // One call's view of its inputs and outputs, block by block.
 struct Step {
   const Tensors& tensors;
-  const std::vector<bool>& stream;
+  const std::vector<int64_t>& kernels;
   const std::vector<int64_t>& gates;
   const std::vector<double>& scalars;
   const Tensors& membranes;
@@ -77,22 +81,24 @@ struct Step {
   }
   bool has(int64_t slot) const { return tensors[block * kSlots + slot].has_value(); }
 
-  // x W^T through the streaming kernel (int8 with its scale, or bfloat16) or ATen's product, as the layer
-  // chose; plus the adapter's s * B (S(A x) * A x) (S = 1 without gate).
+  // x W^T through the kernel the layer chose (the streaming kernel with int8 weights and their scale or
+  // bfloat16 ones, the AMX kernel, or ATen's product); plus the adapter's s * B (S(A x) * A x) (S = 1 without gate).
   torch::Tensor product(Product p, const torch::Tensor& x) {
     const int64_t slot = kProductSlots + p * kTensorsPerProduct, index = block * kProducts + p;
     const auto& w = get(slot);
     torch::Tensor out;
-    if (!stream[index]) {
+    if (kernels[index] == kAten) {
       out = at::linear(x, w);
+    } else if (kernels[index] == kAmx) {
+      out = amx_linear_cpu(x, get(slot + 2), w.size(0), std::nullopt);
     } else if (!has(slot + 1)) {
       out = stream_linear_cpu(x, w, std::nullopt, std::nullopt, "auto");
     } else {  // Int8Linear: bfloat16 rows in, the result back in x's dtype
       out = stream_linear_cpu(x.to(torch::kBFloat16), w, get(slot + 1), std::nullopt, "auto").to(x.scalar_type());
     }
-    if (!has(slot + 2)) return out;
+    if (!has(slot + 3)) return out;
     const double* s = &scalars[index * kProductScalars];
-    auto a = at::linear(x, get(slot + 2).to(x.scalar_type()));
+    auto a = at::linear(x, get(slot + 3).to(x.scalar_type()));
     const int64_t neuron = block * kNeurons + p;
     if (gates[index] != kNoGate) {
       // temporal: the carried membrane; pointwise: from rest at every token, nothing carried
@@ -103,7 +109,7 @@ struct Step {
       if (gates[index] == kTemporal) next_membranes[neuron] = v_last;
       if (record) gated[index] = a;
     }
-    return out + at::linear(a, get(slot + 3).to(x.scalar_type())) * s[0];
+    return out + at::linear(a, get(slot + 4).to(x.scalar_type())) * s[0];
   }
 };
 
@@ -114,24 +120,24 @@ torch::Tensor mix(const torch::Tensor& previous, const torch::Tensor& mu, const 
 
 }  // namespace
 
-// x: [B, C] after the embedding; tensors: kSlots per block; per product of every block: stream (the streaming
-// kernel, else ATen's product), gate (Gate), kProductScalars scalars; att_shift, ffn_shift: [L, B, C] float32;
+// x: [B, C] after the embedding; tensors: kSlots per block; per product of every block: its Kernel, gate (Gate),
+// kProductScalars scalars; att_shift, ffn_shift: [L, B, C] float32;
 // wkv: [L, B, 3, C] float32; membranes: kNeurons per block, [B, width] float32 or None (at rest); lif:
 // kLifSettings per block; record: also return each gate's S(A x) * A x. Returns x after the blocks, the next
 // att_shift, ffn_shift and wkv, the kNeurons L membranes after the token (undefined for neurons that carry
 // nothing), then, with record, the kProducts L gated activations (undefined without gate). The inputs are
 // not changed.
-std::vector<torch::Tensor> decode_blocks_cpu(torch::Tensor x, Tensors tensors, std::vector<bool> stream,
+std::vector<torch::Tensor> decode_blocks_cpu(torch::Tensor x, Tensors tensors, std::vector<int64_t> kernels,
                                              std::vector<int64_t> gates, std::vector<double> scalars,
                                              torch::Tensor att_shift, torch::Tensor ffn_shift, torch::Tensor wkv,
                                              Tensors membranes, std::vector<double> lif, double eps, bool record) {
   const int64_t L = att_shift.size(0), B = x.size(0), C = x.size(1);
   TORCH_CHECK(x.dim() == 2 && x.device().is_cpu(), "decode_blocks: x must be [B, C] on the CPU");
   const auto n = [](const auto& v) { return static_cast<int64_t>(v.size()); };
-  TORCH_CHECK(n(tensors) == L * kSlots && n(stream) == L * kProducts && n(gates) == L * kProducts &&
+  TORCH_CHECK(n(tensors) == L * kSlots && n(kernels) == L * kProducts && n(gates) == L * kProducts &&
                   n(scalars) == L * kProducts * kProductScalars && n(membranes) == L * kNeurons &&
                   n(lif) == L * kLifSettings,
-              "decode_blocks: ", L, " blocks need ", L * kSlots, " tensors, ", L * kProducts, " stream flags and gates, ",
+              "decode_blocks: ", L, " blocks need ", L * kSlots, " tensors, ", L * kProducts, " product kernels and gates, ",
               L * kProducts * kProductScalars, " product scalars, ", L * kNeurons, " membranes and ",
               L * kLifSettings, " LIF settings");
   TORCH_CHECK(att_shift.sizes() == ffn_shift.sizes() && att_shift.dim() == 3 && att_shift.size(1) == B &&
@@ -142,7 +148,7 @@ std::vector<torch::Tensor> decode_blocks_cpu(torch::Tensor x, Tensors tensors, s
   auto att_next = torch::empty_like(att_shift), ffn_next = torch::empty_like(ffn_shift);
   auto wkv_next = torch::empty_like(wkv);
   std::vector<torch::Tensor> next_membranes(L * kNeurons), gated(record ? L * kProducts : 0);
-  Step step{tensors, stream, gates, scalars, membranes, next_membranes, gated, record};
+  Step step{tensors, kernels, gates, scalars, membranes, next_membranes, gated, record};
   const std::vector<int64_t> normalized{C};
   for (int64_t i = 0; i < L; ++i) {
     step.block = i;

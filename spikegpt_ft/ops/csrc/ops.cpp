@@ -25,9 +25,13 @@ std::vector<torch::Tensor> lif_backward_cpu(torch::Tensor grad_spikes, torch::Te
 std::vector<std::string> linear_kernels_cpu();
 torch::Tensor stream_linear_cpu(torch::Tensor x, torch::Tensor weight, std::optional<torch::Tensor> scale,
                                 std::optional<torch::Tensor> bias, const std::string& kernel);
+// The products of many rows with bfloat16 weights on AMX (amx_linear.cpp).
+bool amx_usable_cpu();
+torch::Tensor amx_pack_weight_cpu(torch::Tensor weight);
+torch::Tensor amx_linear_cpu(torch::Tensor x, torch::Tensor packed, int64_t N, std::optional<torch::Tensor> bias);
 // One recurrent step through a stack of blocks (decode_cpu.cpp).
 std::vector<torch::Tensor> decode_blocks_cpu(torch::Tensor x, std::vector<std::optional<torch::Tensor>> tensors,
-                                             std::vector<bool> stream, std::vector<int64_t> gates,
+                                             std::vector<int64_t> kernels, std::vector<int64_t> gates,
                                              std::vector<double> scalars, torch::Tensor att_shift,
                                              torch::Tensor ffn_shift, torch::Tensor wkv,
                                              std::vector<std::optional<torch::Tensor>> membranes,
@@ -146,8 +150,13 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("stream_linear", &stream_linear_cpu,
         "linear, streaming the weights (cpu): (x[M,K], weight[N,K] bf16 or int8, scale[N] (int8) or None, "
         "bias[N] or None, kernel 'auto'|'avx2'|'portable') -> y[M,N] in x's dtype");
+  m.def("amx_usable", &amx_usable_cpu, "whether this CPU, build and OS run the AMX product");
+  m.def("amx_pack_weight", &amx_pack_weight_cpu,
+        "a bf16 weight[N,K] laid out for amx_linear: [ceil(N/32), ceil(K/32), 2, 16, 16, 2], zero-padded");
+  m.def("amx_linear", &amx_linear_cpu,
+        "linear on AMX tiles (cpu): (x[M,K] bf16, amx_pack_weight(weight), N, bias[N] or None) -> y[M,N] bf16");
   m.def("decode_blocks", &decode_blocks_cpu,
-        "one token through a stack of SpikeGPT blocks (cpu): (x[B,C], tensors, stream flags, gates, product scalars, "
+        "one token through a stack of SpikeGPT blocks (cpu): (x[B,C], tensors, product kernels, gates, product scalars, "
         "att_shift[L,B,C], ffn_shift[L,B,C], wkv[L,B,3,C], membranes, lif settings, eps, record) -> "
         "(x, att_shift, ffn_shift, wkv, *membranes, *gated)");
   m.def("lif_forward", &lif_forward_cpu,

@@ -1,0 +1,205 @@
+// Linear products of many rows on Intel AMX: y = x W^T (+ bias), bfloat16 weights, inputs and outputs.
+//
+// Why hand-written: at 64 rows (batch decoding, bfloat16 evaluation on the CPU) the product is fed by reading
+// the weights, and PyTorch's bfloat16 F.linear on the CPU, which runs oneDNN's AMX kernels, took 1.5 x the time
+// of the same products with the weight laid out for the tiles beforehand (BENCHMARKS.md). PyTorch's way to
+// keep such a layout (torch.ops.mkldnn._reorder_linear_weight) is an undocumented internal op, so the layout
+// and the product are written here against the instruction set (Intel's AMX intrinsics).
+//
+// The weight is laid out once (`amx_pack_weight`): output channels in pairs of 16 (two B tiles), and for each
+// pair the 32-wide blocks of the reduction one after the other, each 16 x 16 x 2 as TDPBF16PS reads B (pairs
+// of neighbouring k side by side), zero-padded to whole tiles. Each call lays x out as A tiles (16 rows x 32 k,
+// zero-padded). The tiles: 4 accumulators (2 x 2 blocks of 16 x 16), 2 A, 2 B; for every pair of output
+// tiles the rows run 32 at a time over the whole reduction, so each weight tile is read from memory once and,
+// for more than 32 rows, again from the cache.
+//
+// Arithmetic: TDPBF16PS multiplies bfloat16 pairs exactly and accumulates in float32 (denormal inputs and
+// results as zero); the bias (float32 of its stored value) is added, and the sum rounded once to bfloat16,
+// to nearest even. That is what PyTorch's bfloat16 product computes, up to the order of the float32 additions.
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+#include <optional>
+
+#if defined(__x86_64__) && defined(__linux__) && \
+    ((defined(__clang__) && __clang_major__ >= 12) || (!defined(__clang__) && defined(__GNUC__) && __GNUC__ >= 11))
+#include <cpuid.h>
+#include <immintrin.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+#define HAVE_AMX_KERNEL 1
+#define AMX_TARGET __attribute__((target("amx-tile,amx-bf16,avx512f,avx512bw,avx512vl,avx512bf16")))
+#endif
+
+namespace {
+
+// Output channels per weight tile, reduction elements per tile, bfloat16 elements per tile.
+constexpr int64_t kTileN = 16, kTileK = 32, kTileElems = 512;
+// Output channels of one pair of weight tiles, and its bfloat16 elements per 32-wide block of the reduction.
+constexpr int64_t kPairN = 2 * kTileN, kPairBlockElems = 2 * kTileElems;
+// Weights per thread below which a second thread costs more than it saves.
+constexpr int64_t kMinWeightsPerThread = 1 << 16;
+
+int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+#ifdef HAVE_AMX_KERNEL
+// Linux asks a process to request the AMX tile state before it uses it (arch_prctl, kernel 5.16 and later).
+constexpr int kArchReqXcompPerm = 0x1023;
+constexpr int kXfeatureXtiledata = 18;
+
+bool cpu_has_amx_bf16() {
+  unsigned a, b, c, d;
+  if (!__get_cpuid_count(7, 0, &a, &b, &c, &d)) return false;
+  const bool avx512 = (b >> 16 & 1) && (b >> 30 & 1) && (b >> 31 & 1);  // F, BW, VL
+  const bool amx = (d >> 22 & 1) && (d >> 24 & 1);                     // AMX-BF16, AMX-TILE
+  if (!avx512 || !amx || !__get_cpuid_count(7, 1, &a, &b, &c, &d)) return false;
+  return a >> 5 & 1;  // AVX512-BF16, for rounding the results
+}
+
+// The tile configuration of palette 1 (Intel SDM, LDTILECFG): every tile 16 rows of 64 bytes.
+struct alignas(64) TileConfig {
+  uint8_t palette = 1, start_row = 0, reserved[14] = {};
+  uint16_t colsb[16] = {};
+  uint8_t rows[16] = {};
+};
+
+// Rows [32 mp, 32 mp + 32) (one tile of them if `two_m` is false) by one pair of weight tiles over the whole
+// reduction; the four 16 x 16 float32 results in c, tile (m, n) at (2 m + n) * 256.
+template <bool two_m>
+AMX_TARGET void pair_pass(const uint16_t* x, int64_t x_block, const uint16_t* w, int64_t blocks, float* c) {
+  _tile_zero(0);
+  _tile_zero(1);
+  if (two_m) {
+    _tile_zero(2);
+    _tile_zero(3);
+  }
+  for (int64_t kb = 0; kb < blocks; ++kb) {
+    const uint16_t* a = x + kb * x_block;
+    const uint16_t* b = w + kb * kPairBlockElems;
+    _tile_loadd(4, a, 64);
+    _tile_loadd(6, b, 64);
+    _tile_dpbf16ps(0, 4, 6);
+    _tile_loadd(7, b + kTileElems, 64);
+    _tile_dpbf16ps(1, 4, 7);
+    if (two_m) {
+      _tile_loadd(5, a + kTileElems, 64);
+      _tile_dpbf16ps(2, 5, 6);
+      _tile_dpbf16ps(3, 5, 7);
+    }
+  }
+  _tile_stored(0, c, 64);
+  _tile_stored(1, c + 256, 64);
+  if (two_m) {
+    _tile_stored(2, c + 512, 64);
+    _tile_stored(3, c + 768, 64);
+  }
+}
+
+struct Product {
+  const uint16_t* x;  // A tiles: [blocks][m_tiles][16][32]
+  const uint16_t* w;  // the packed weight
+  const float* bias;  // float32 [N] or null
+  uint16_t* out;      // bfloat16 [M, N]
+  int64_t M, N, blocks, m_tiles;
+};
+
+// Pairs [p0, p1) of weight tiles, on this thread's tiles.
+AMX_TARGET void run_pairs(const Product& q, int64_t p0, int64_t p1) {
+  TileConfig config;
+  for (int t = 0; t < 8; ++t) {
+    config.rows[t] = 16;
+    config.colsb[t] = 64;
+  }
+  _tile_loadconfig(&config);
+  alignas(64) float c[4 * 256];
+  for (int64_t p = p0; p < p1; ++p) {
+    const uint16_t* w = q.w + p * q.blocks * kPairBlockElems;
+    for (int64_t mp = 0; 2 * mp < q.m_tiles; ++mp) {
+      const uint16_t* x = q.x + 2 * mp * kTileElems;
+      if (2 * mp + 1 < q.m_tiles) {
+        pair_pass<true>(x, q.m_tiles * kTileElems, w, q.blocks, c);
+      } else {
+        pair_pass<false>(x, q.m_tiles * kTileElems, w, q.blocks, c);
+      }
+      for (int nt = 0; nt < 2; ++nt) {
+        const int64_t n0 = p * kPairN + nt * kTileN;
+        if (n0 >= q.N) break;
+        const int64_t cols = std::min(kTileN, q.N - n0);
+        const __mmask16 mask = static_cast<__mmask16>((1u << cols) - 1);
+        const __m512 bias = q.bias ? _mm512_maskz_loadu_ps(mask, q.bias + n0) : _mm512_setzero_ps();
+        for (int64_t m = 32 * mp; m < std::min(q.M, 32 * mp + 32); ++m) {
+          const int64_t tile = 2 * ((m / 16) % 2) + nt;
+          const __m512 sum = _mm512_add_ps(_mm512_load_ps(c + tile * 256 + (m % 16) * 16), bias);
+          _mm256_mask_storeu_epi16(q.out + m * q.N + n0, mask, (__m256i)_mm512_cvtneps_pbh(sum));
+        }
+      }
+    }
+  }
+  _tile_release();
+}
+#endif
+
+}  // namespace
+
+// Whether this process can run the AMX product: built with it, the CPU has AMX-BF16 (and AVX512-BF16), and
+// Linux granted the tile state.
+bool amx_usable_cpu() {
+#ifdef HAVE_AMX_KERNEL
+  static const bool usable =
+      cpu_has_amx_bf16() && syscall(SYS_arch_prctl, kArchReqXcompPerm, kXfeatureXtiledata) == 0;
+  return usable;
+#else
+  return false;
+#endif
+}
+
+// weight: [N, K] bfloat16 -> the layout amx_linear reads, [ceil(N/32), ceil(K/32), 2, 16, 16, 2], zero-padded.
+torch::Tensor amx_pack_weight_cpu(torch::Tensor weight) {
+  TORCH_CHECK(weight.device().is_cpu() && weight.dim() == 2 && weight.scalar_type() == torch::kBFloat16,
+              "amx_pack_weight: the weight must be a 2-D bfloat16 CPU tensor");
+  const int64_t N = weight.size(0), K = weight.size(1), pairs = ceil_div(N, kPairN), blocks = ceil_div(K, kTileK);
+  auto padded = torch::zeros({pairs * kPairN, blocks * kTileK}, weight.options());
+  padded.narrow(0, 0, N).narrow(1, 0, K).copy_(weight);
+  // [pair, tile, n, block, k pair, 2] -> [pair, block, tile, k pair, n, 2]
+  return padded.view({pairs, 2, kTileN, blocks, kTileK / 2, 2}).permute({0, 3, 1, 4, 2, 5}).contiguous();
+}
+
+// x: [M, K] bfloat16; packed: amx_pack_weight of a [N, K] weight; bias: [N] or None. Returns [M, N] bfloat16.
+torch::Tensor amx_linear_cpu(torch::Tensor x, torch::Tensor packed, int64_t N, std::optional<torch::Tensor> bias) {
+  TORCH_CHECK(amx_usable_cpu(), "amx_linear: this CPU or build cannot run AMX products (see amx_usable)");
+  TORCH_CHECK(x.device().is_cpu() && x.dim() == 2 && x.scalar_type() == torch::kBFloat16,
+              "amx_linear: x must be a [M, K] bfloat16 CPU tensor");
+  const int64_t M = x.size(0), K = x.size(1), blocks = ceil_div(K, kTileK);
+  TORCH_CHECK(packed.dim() == 6 && packed.scalar_type() == torch::kBFloat16 && packed.is_contiguous() &&
+                  packed.size(0) == ceil_div(N, kPairN) && packed.size(1) == blocks && packed.size(2) == 2 &&
+                  packed.size(3) == kTileK / 2 && packed.size(4) == kTileN && packed.size(5) == 2,
+              "amx_linear: packed is not amx_pack_weight of a [", N, ", ", K, "] weight");
+  TORCH_CHECK(!bias || bias->numel() == N, "amx_linear: the bias must have one value per output");
+  auto out = torch::empty({M, N}, x.options());
+  if (M == 0 || N == 0) return out;
+#ifdef HAVE_AMX_KERNEL
+  const int64_t m_tiles = ceil_div(M, kTileN);
+  // A tiles [block][m tile][16 rows][32], zero-padded: rows copied 32 elements at a time.
+  auto tiles = torch::zeros({blocks, m_tiles, kTileN, kTileK}, x.options());
+  const auto xc = x.contiguous();
+  const auto* src = reinterpret_cast<const uint16_t*>(xc.data_ptr());
+  auto* dst = reinterpret_cast<uint16_t*>(tiles.data_ptr());
+  for (int64_t m = 0; m < M; ++m) {
+    for (int64_t kb = 0; kb < blocks; ++kb) {
+      const int64_t width = std::min(kTileK, K - kb * kTileK);
+      std::memcpy(dst + (kb * m_tiles + m / kTileN) * kTileElems + (m % kTileN) * kTileK, src + m * K + kb * kTileK,
+                  width * sizeof(uint16_t));
+    }
+  }
+  const auto bias_f = bias ? std::optional<torch::Tensor>(bias->to(torch::kFloat32).contiguous()) : std::nullopt;
+  const Product q{dst, reinterpret_cast<const uint16_t*>(packed.data_ptr()),
+                  bias_f ? bias_f->data_ptr<float>() : nullptr, reinterpret_cast<uint16_t*>(out.data_ptr()),
+                  M, N, blocks, m_tiles};
+  const int64_t grain = std::max<int64_t>(1, kMinWeightsPerThread / (kPairN * blocks * kTileK));
+  at::parallel_for(0, packed.size(0), grain, [&](int64_t p0, int64_t p1) { run_pairs(q, p0, p1); });
+#endif
+  return out;
+}
