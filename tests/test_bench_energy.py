@@ -51,6 +51,7 @@ def test_bench_all_tiny_writes_json(tmp_path, capsys):
         assert r["kernel"] == "torch"  # float32 weights: PyTorch's product
         flops = 2 * TINY_LINEAR_PARAMS * r["shape"]["B"]
         assert r["linear_gflop_per_s"] == pytest.approx(flops / r["median_ms"] / 1e6)
+        assert r["read_bound_gflop_per_s"] == pytest.approx(flops / r["weight_read_ms"] / 1e6)
         assert set(r["matmul_gflop_per_s"]) == {"bfloat16", "float32"} and min(r["matmul_gflop_per_s"].values()) > 0
     train = {r["name"]: r for r in data["results"] if r["section"] == "train"}
     assert train["lora_r2_step"]["trainable_params"] < train["full_finetune_step"]["trainable_params"]

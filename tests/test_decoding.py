@@ -206,8 +206,7 @@ def test_bench_records_whether_a_graph_was_used_and_refuses_one_on_the_cpu():
             "--rec-steps", "2", "--rec-batch", "3", "--rec-batch-steps", "2"]  # fmt: skip
     results = bench.main(["recurrent", "--device", "cpu", *tiny])
     assert [(r["cuda_graph"], r["step"]) for r in results] == [(False, "compiled"), (False, "compiled")]
-    one_row, many = results
-    assert one_row["products_ms"] > 0 and one_row["torch_products_ms"] > 0 and "products_ms" not in many
+    assert all(r["products_ms"] > 0 and r["torch_products_ms"] > 0 for r in results)  # at 1 and at 3 rows
     results = bench.main(["recurrent", "--device", "cpu", "--eager", *tiny])
     assert [r["step"] for r in results] == ["model.step", "model.step"]
     results = bench.main(["recurrent", "--device", "cpu", "--rec-adapter", "spikelora", "--rank", "4", *tiny])

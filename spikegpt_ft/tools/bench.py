@@ -391,8 +391,8 @@ def linear_flops_per_row(model: nn.Module) -> int:
     return sum(2 * w.numel() for w in linear_weights(model) if w.dim() == 2)
 
 
-def time_products(model: nn.Module, device: torch.device, warmup: int, repeats: int) -> dict:
-    """Milliseconds of one row through every linear layer of ``model`` in model order, with nothing else.
+def time_products(model: nn.Module, device: torch.device, warmup: int, repeats: int, rows: int = 1) -> dict:
+    """Milliseconds of ``rows`` rows through every linear layer of ``model`` in model order, with nothing else.
 
     ``products_ms``: the layers themselves (the product kernel they choose, module calls included);
     ``torch_products_ms``: ``F.linear`` by the same weights (bfloat16 or float32 layers; ``None`` for int8).
@@ -401,12 +401,14 @@ def time_products(model: nn.Module, device: torch.device, warmup: int, repeats: 
     layers = [m for m in model.modules() if isinstance(m, nn.Linear | Int8Linear)]
     dtype = model.emb.weight.dtype
     g = torch.Generator().manual_seed(0)
-    rows = [torch.randn(1, m.in_features, generator=g).to(device, dtype) for m in layers]
+    inputs = [torch.randn(rows, m.in_features, generator=g).to(device, dtype) for m in layers]
     plain = all(isinstance(m, nn.Linear) for m in layers)
     with torch.inference_mode():
-        ours = time_fn(lambda: [m(x) for m, x in zip(layers, rows, strict=True)], device, warmup, repeats)
+        ours = time_fn(lambda: [m(x) for m, x in zip(layers, inputs, strict=True)], device, warmup, repeats)
         torch_samples = (
-            time_fn(lambda: [F.linear(x, m.weight) for m, x in zip(layers, rows, strict=True)], device, warmup, repeats)
+            time_fn(
+                lambda: [F.linear(x, m.weight) for m, x in zip(layers, inputs, strict=True)], device, warmup, repeats
+            )
             if plain
             else None
         )
@@ -433,8 +435,11 @@ def bench_recurrent(args, device, dtype) -> list[dict]:
     Each row also carries the time to read all the linear weights once (``weight_read_ms``, the same model
     and dtype) and ``step_over_weight_read``, the step's median time over it; the product kernel the linear
     layers chose for that batch (``kernel``, :func:`~spikegpt_ft.ops.linear.product_kernel` on the CPU);
-    and the step's linear-layer rate (``linear_gflop_per_s``: their FLOPs over the whole step's time) beside
-    one large matrix product in bfloat16 and float32, measured in the same run (``matmul_gflop_per_s``).
+    the batch's rows through the linear layers alone (:func:`time_products`); and the step's linear-layer rate
+    (``linear_gflop_per_s``: their FLOPs over the whole step's time) beside one large matrix product in
+    bfloat16 and float32, measured in the same run (``matmul_gflop_per_s``), and beside the rate at which the
+    products would take exactly the read time (``read_bound_gflop_per_s``: a step that reads every weight
+    once cannot exceed it unless the weights stay in cache).
 
     Each step goes through :class:`~spikegpt_ft.inference.GraphedStepper`, as decoding does: with
     ``--cuda-graph`` (the default on CUDA) one replay of a CUDA graph of ``model.step``, on the CPU the
@@ -452,7 +457,6 @@ def bench_recurrent(args, device, dtype) -> list[dict]:
     else:
         model.to(dtype)
     read = time_weight_read(model, device, args.warmup, max(args.repeats, 5))
-    products = time_products(model, device, args.warmup, max(args.repeats, 5))
     rates = {
         name: time_matmul_rate(d, device, args.warmup, max(args.repeats, 5))
         for name, d in (("bfloat16", torch.bfloat16), ("float32", torch.float32))
@@ -464,6 +468,7 @@ def bench_recurrent(args, device, dtype) -> list[dict]:
         samples, path = _decode_case(model, args, device, B, steps)
         med = statistics.median(samples)
         kernel = product_kernel(B, weight_dtype) if device.type == "cpu" and weights != "float32" else "torch"
+        products = time_products(model, device, args.warmup, max(args.repeats, 5), rows=B)
         results.append(
             _result(
                 "recurrent",
@@ -480,9 +485,10 @@ def bench_recurrent(args, device, dtype) -> list[dict]:
                 step=path,
                 kernel=kernel,
                 **read,
-                **(products if B == 1 else {}),
+                **products,
                 step_over_weight_read=med * 1e3 / read["weight_read_ms"],
                 linear_gflop_per_s=flops * B / med / 1e9,
+                read_bound_gflop_per_s=flops * B / read["weight_read_ms"] / 1e6,
                 matmul_gflop_per_s=rates,
             )
         )
@@ -520,8 +526,8 @@ def _products_text(r: dict) -> str:
 def _rates_text(r: dict) -> str:
     if "linear_gflop_per_s" not in r:
         return ""
-    m = r["matmul_gflop_per_s"]
-    return f"{r['linear_gflop_per_s']:.1f} ({m['bfloat16']:.1f} / {m['float32']:.1f})"
+    m, bound = r["matmul_gflop_per_s"], r["read_bound_gflop_per_s"]
+    return f"{r['linear_gflop_per_s']:.1f} ({m['bfloat16']:.1f} / {m['float32']:.1f}; {bound:.1f})"
 
 
 def format_table(results: list[dict]) -> str:
@@ -529,7 +535,7 @@ def format_table(results: list[dict]) -> str:
     rows = [
         ("section", "case", "shape", "median ms", "min ms", "throughput", "peak MiB", "cpu ms/call", "load",
          "weight read ms", "step/read", "products ms (F.linear)", "step", "kernel",
-         "linear GFLOP/s (bf16 / fp32 matmul)"),
+         "linear GFLOP/s (bf16 / fp32 matmul; read bound)"),
     ]  # fmt: skip
     for r in results:
         shape = "x".join(f"{k}{v}" for k, v in r["shape"].items())
