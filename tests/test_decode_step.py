@@ -127,6 +127,28 @@ def test_the_inputs_of_decode_blocks_are_left_as_they_were():
     assert all(torch.equal(state.membranes[k], v) for k, v in before.items())
 
 
+def test_decode_blocks_writes_the_next_state_into_given_tensors_and_refuses_overlapping_ones():
+    model = model_in("float32")
+    with torch.no_grad():
+        _, state = model.step(torch.tensor([4, 5]), model.init_state(2))
+        stack = stack_operands([block_operands(b, torch.float32, 2) for b in model.blocks])
+        x = model.binarize(model.emb(torch.tensor([6, 7])))
+        inputs = (x, stack, state.att_shift, state.ffn_shift, state.wkv, slots(model, state))
+        fresh = decode_blocks(*inputs)
+        into = tuple(torch.full_like(t, float("nan")) for t in (state.att_shift, state.ffn_shift, state.wkv))
+        out = decode_blocks(*inputs, into=into)
+        assert all(got is given for got, given in zip(out[1:4], into, strict=True))  # written into, returned
+        assert all(torch.equal(a, b) for a, b in zip(out[1:4], fresh[1:4], strict=True)) and torch.equal(
+            out[0], fresh[0]
+        )
+        with pytest.raises(RuntimeError, match="overlap"):
+            decode_blocks(*inputs, into=(state.att_shift, into[1], into[2]))  # the state it reads
+        with pytest.raises(RuntimeError, match="overlap"):
+            decode_blocks(*inputs, into=(into[0], into[0], into[2]))  # ffn_shift's into[0] aliases att_shift's
+        with pytest.raises(RuntimeError, match=r"into\[2\] must be a contiguous CPU tensor like"):
+            decode_blocks(*inputs, into=(into[0], into[1], into[2][:, :1]))
+
+
 def adapted(kind: str, gate: str = "temporal", precision: str = "float32", seed: int = 1):
     """A model with adapters on every linear layer of its blocks, their B random so that the updates matter."""
     model = attach_adapters(tiny_model(vocab=VOCAB, n_embd=24, seed=seed), kind=kind, r=4, gate=gate).eval()

@@ -119,6 +119,24 @@ def test_reset_restarts_every_sequence(model):
     torch.testing.assert_close(run(stepper, rows), first, atol=0, rtol=0)
 
 
+def test_a_stepper_run_under_inference_mode_is_reset_and_reloaded_outside_it(model):
+    """Steps under ``torch.inference_mode`` leave inference tensors in the state; ``reset`` and ``load_state``
+    outside it must still write the state (and the steps after them give model.step's results)."""
+    rows = token_rows()
+    stepper = GraphedStepper(model, B)
+    assert stepper.uses_compiled_step  # whose states are new tensors made by the step
+    with torch.inference_mode():
+        first = run(stepper, rows)
+        after = stepper.state()
+    stepper.reset()
+    assert_same_state(stepper.state(), model.init_state(B))
+    torch.testing.assert_close(run(stepper, rows), first, atol=0, rtol=0)
+    stepper.load_state(after)
+    expected, final = reference(model, rows, reference(model, rows)[1])
+    torch.testing.assert_close(run(stepper, rows), expected, atol=1e-6, rtol=0)
+    assert_same_state(stepper.state(), final)
+
+
 def test_bad_tokens_are_refused_before_anything_runs(model):
     stepper = GraphedStepper(model, B)
     stepper.step(token_rows(1)[0])

@@ -102,6 +102,7 @@ class GraphedStepper:
                 membranes={name: torch.zeros_like(v) for name, v in probe.membranes.items()},
                 signature=fresh.signature,
             )
+            self._spare: RecurrentState | None = None  # the compiled step's second buffers, see _advance_compiled
             self._compiled: CompiledStep | None = None
             if not self.uses_graph:
                 self._compile()
@@ -151,8 +152,16 @@ class GraphedStepper:
         return any(m._forward_hooks or m._forward_pre_hooks for m in self._compiled_modules)
 
     def _advance_compiled(self) -> None:
-        logits, self._state = compiled_step(self.model, self._compiled, self._tokens, self._state)
-        # on the CPU nothing holds the buffers' addresses: the next state's tensors become the buffers
+        # on the CPU nothing holds the buffers' addresses: the next state's tensors become the buffers, and the
+        # state before, which nothing else holds (``state()`` hands out copies), receives the one after
+        if self._spare is None:
+            with torch.inference_mode(False):  # plain tensors, as the buffers are
+                s = self._state
+                shapes = (torch.empty_like(s.att_shift), torch.empty_like(s.ffn_shift), torch.empty_like(s.wkv))
+                self._spare = RecurrentState(*shapes, {}, s.signature)
+        spare = self._spare
+        logits, next_state = compiled_step(self.model, self._compiled, self._tokens, self._state, into=spare)
+        self._spare, self._state = self._state, next_state
         self._logits.copy_(logits)
 
     def _capture(self) -> None:
@@ -213,7 +222,9 @@ class GraphedStepper:
             )
         if state.batch_size != self.batch_size:
             raise ValueError(f"state holds {state.batch_size} sequences but this stepper decodes {self.batch_size}")
-        with torch.no_grad(), self._on_device():
+        # inference mode: the compiled step's states made under it are inference tensors, which only it may
+        # write into (and it may write into plain ones too)
+        with torch.inference_mode(), self._on_device():
             _copy_state(self._state, state)
 
     def state(self) -> RecurrentState:
@@ -287,13 +298,19 @@ def compile_step(model: SpikeGPT, batch_size: int) -> CompiledStep | None:
 
 
 def compiled_step(
-    model: SpikeGPT, plan: CompiledStep, tokens: torch.Tensor, state: RecurrentState
+    model: SpikeGPT,
+    plan: CompiledStep,
+    tokens: torch.Tensor,
+    state: RecurrentState,
+    into: RecurrentState | None = None,
 ) -> tuple[torch.Tensor, RecurrentState]:
     """``model.step(tokens, state)`` with the blocks in one compiled call: the same logits and next state, bitwise.
 
     ``plan`` is :func:`compile_step` of ``model`` for ``len(tokens)`` rows; ``state`` is one of
     this model's (``init_state``, ``prefill``, ``step``). The embedding, ``ln_out`` and the head run as modules;
     the SpikeLoRA gates report to an active sparsity recording as the adapters do. Call it without gradients.
+    ``into``: a state of the same shapes, not ``state``, whose shift and WKV tensors receive the next ones
+    (:func:`~spikegpt_ft.ops.decode.decode_blocks`); it is overwritten.
     """
     names = plan.neurons
     if state.membranes.keys() != plan.carried or state.batch_size != tokens.shape[0]:
@@ -311,6 +328,7 @@ def compiled_step(
         state.wkv,
         [None if n is None else state.membranes[n] for n in names],
         record=recording,
+        into=None if into is None else (into.att_shift, into.ffn_shift, into.wkv),
     )
     if recording:
         for index, activations in enumerate(gated):

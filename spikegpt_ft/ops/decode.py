@@ -192,6 +192,7 @@ def decode_blocks(
     wkv_state: torch.Tensor,
     membranes: list[torch.Tensor | None],
     record: bool = False,
+    into: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
 ) -> tuple[
     torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, list[torch.Tensor | None], list[torch.Tensor | None]
 ]:
@@ -202,7 +203,10 @@ def decode_blocks(
     :data:`PRODUCTS` order (``None`` where no temporal gate) and of ``lif1`` and ``lif2``. Returns ``x`` after
     the last block, the next shifts and WKV state, the membranes after the token in the same layout (``None``
     where nothing is carried; new tensors, the inputs are not changed) and, with ``record``, each product's
-    gated down-projection ``S(A x) * A x`` ``[B, r]`` (``None`` without gate). CPU only, without gradients.
+    gated down-projection ``S(A x) * A x`` ``[B, r]`` (``None`` without gate). ``into``: tensors like
+    ``att_shift``, ``ffn_shift`` and ``wkv_state`` (contiguous, sharing no memory with the state) that receive
+    the next ones and are returned, sparing a decoding loop fresh memory at every step. CPU only, without
+    gradients.
     """
     tensors = stack.tensors
     if stack.packed:  # each AMX layout as its layer has it now: made again where the weight has changed
@@ -222,6 +226,7 @@ def decode_blocks(
         stack.lif_settings,
         stack.eps,
         record,
+        list(into or ()),
     )
     n_membranes = stack.blocks * (len(PRODUCTS) + len(NEURONS))
     return out[0], out[1], out[2], out[3], list(out[4 : 4 + n_membranes]), list(out[4 + n_membranes :])

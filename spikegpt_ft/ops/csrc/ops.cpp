@@ -35,7 +35,8 @@ std::vector<torch::Tensor> decode_blocks_cpu(torch::Tensor x, std::vector<std::o
                                              std::vector<double> scalars, torch::Tensor att_shift,
                                              torch::Tensor ffn_shift, torch::Tensor wkv,
                                              std::vector<std::optional<torch::Tensor>> membranes,
-                                             std::vector<double> lif, double eps, bool record);
+                                             std::vector<double> lif, double eps, bool record,
+                                             std::vector<torch::Tensor> into);
 
 #ifndef WITH_CUDA
 constexpr const char* kNoCudaKernels =
@@ -157,7 +158,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "linear on AMX tiles (cpu): (x[M,K] bf16, amx_pack_weight(weight), N, bias[N] or None) -> y[M,N] bf16");
   m.def("decode_blocks", &decode_blocks_cpu,
         "one token through a stack of SpikeGPT blocks (cpu): (x[B,C], tensors, product kernels, gates, product scalars, "
-        "att_shift[L,B,C], ffn_shift[L,B,C], wkv[L,B,3,C], membranes, lif settings, eps, record) -> "
+        "att_shift[L,B,C], ffn_shift[L,B,C], wkv[L,B,3,C], membranes, lif settings, eps, record, into: [] or the "
+        "3 tensors for the next att_shift, ffn_shift, wkv) -> "
         "(x, att_shift, ffn_shift, wkv, *membranes, *gated)");
   m.def("lif_forward", &lif_forward_cpu,
         "LIF forward (cpu): (x[T,*S], v0[S], tau, v_threshold, v_reset) -> (spikes[T,*S], v_last[S], h[T,*S])");
