@@ -27,6 +27,7 @@ converts whole models.
 from __future__ import annotations
 
 import functools
+import warnings
 
 import torch
 from torch import nn
@@ -158,6 +159,12 @@ class Linear(nn.Linear):
         """
         weight = self.weight
         if weight.is_inference():
+            warnings.warn(
+                "a bfloat16 weight made under torch.inference_mode is laid out for the AMX kernel again at every "
+                "product (it has no version counter to tell a change by): cast or load the model outside "
+                "inference mode to keep the layout",
+                stacklevel=2,
+            )
             return extension().amx_pack_weight(weight.detach())
         if self._packed is not None:
             packed, made_from, version = self._packed
