@@ -3,9 +3,9 @@
 // Why hand-written: at 64 rows (batch decoding, bfloat16 evaluation on the CPU) the product is fed by reading
 // the weights, and PyTorch's bfloat16 F.linear on the CPU, which runs oneDNN's AMX kernels on the weight as it
 // is stored, takes 1.1 - 1.35 x the time of this kernel on a weight laid out for the tiles beforehand
-// (BENCHMARKS.md, the products alone at 64 rows). PyTorch's way to keep such a layout
-// (torch.ops.mkldnn._reorder_linear_weight) is an undocumented internal op, so the layout and the product are
-// written here against the instruction set (Intel's AMX intrinsics).
+// (`bench recurrent`'s products alone at 64 rows, five sets of runs; BENCHMARKS.md gives one). PyTorch's way
+// to keep such a layout (torch.ops.mkldnn._reorder_linear_weight) is an undocumented internal op, so the
+// layout and the product are written here against the instruction set (Intel's AMX intrinsics).
 //
 // The weight is laid out once (`amx_pack_weight`): output channels in pairs of 16 (two B tiles), and for each
 // pair the 32-wide blocks of the reduction one after the other, each 16 x 16 x 2 as TDPBF16PS reads B (pairs
