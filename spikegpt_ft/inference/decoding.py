@@ -102,10 +102,17 @@ class GraphedStepper:
                 membranes={name: torch.zeros_like(v) for name, v in probe.membranes.items()},
                 signature=fresh.signature,
             )
-            self._spare: RecurrentState | None = None  # the compiled step's second buffers, see _advance_compiled
             self._compiled: CompiledStep | None = None
             if not self.uses_graph:
                 self._compile()
+            # the compiled step's second set of shift and WKV buffers (see _advance_compiled)
+            self._spare = (
+                None
+                if self._compiled is None
+                else RecurrentState(
+                    torch.empty_like(fresh.att_shift), torch.empty_like(fresh.ffn_shift), torch.empty_like(fresh.wkv)
+                )
+            )
             if self.uses_graph:
                 self._capture()
             _copy_state(self._state, fresh)
@@ -154,13 +161,7 @@ class GraphedStepper:
     def _advance_compiled(self) -> None:
         # on the CPU nothing holds the buffers' addresses: the next state's tensors become the buffers, and the
         # state before, which nothing else holds (``state()`` hands out copies), receives the one after
-        if self._spare is None:
-            with torch.inference_mode(False):  # plain tensors, as the buffers are
-                s = self._state
-                shapes = (torch.empty_like(s.att_shift), torch.empty_like(s.ffn_shift), torch.empty_like(s.wkv))
-                self._spare = RecurrentState(*shapes, {}, s.signature)
-        spare = self._spare
-        logits, next_state = compiled_step(self.model, self._compiled, self._tokens, self._state, into=spare)
+        logits, next_state = compiled_step(self.model, self._compiled, self._tokens, self._state, into=self._spare)
         self._spare, self._state = self._state, next_state
         self._logits.copy_(logits)
 
