@@ -8,9 +8,16 @@
 // `stream_linear`: each weight is read from memory once and multiplied with up to four rows of x from
 // registers, in float32 accumulators; with more rows, a block of weight rows read once serves every group of
 // four rows from the cache. An AVX-512 version (16 lanes: half the instructions per weight of AVX2, which is what
-// limits int8 weights and four rows), an AVX2+FMA one (several weight rows at a time in both, so that independent
-// sums hide the FMA latency) and a portable one; the best the CPU runs is chosen at run time, and
+// limits int8 weights and four rows; several weight rows at a time, so that independent sums hide the FMA
+// latency), an AVX2+FMA one and a portable one; the best the CPU runs is chosen at run time, and
 // `spikegpt_ft.ops.linear` chooses where the streaming kernel runs at all.
+//
+// The AVX2 kernel reads one weight row at a time, so that the weights arrive as one sequential stream with a
+// software prefetch ahead of it, and keeps two sums per output (the halves of each 16-wide block of the
+// reduction) for independent FMAs; bfloat16 weights are widened two instructions per 16 (the even elements by
+// a shift, the odd ones by a mask), against x laid out the same way once per call. On an AMD EPYC with AVX2
+// (2 cores) this took the products of one row from 1.5 - 1.6 x to 1.04 - 1.13 x the time of reading the
+// weights, and those of 64 rows no slower (`bench recurrent`'s products alone, BENCHMARKS.md).
 //
 // Arithmetic: weights and inputs widened to float32 exactly, products summed in float32 (the same order for
 // an output whatever the number of rows), int8 sums times the row's scale, the bias (float32 of its stored
@@ -24,6 +31,7 @@
 #include <cstring>
 #include <optional>
 #include <string>
+#include <type_traits>
 
 #if defined(__x86_64__) && defined(__GNUC__)
 #include <immintrin.h>
@@ -38,7 +46,7 @@ namespace {
 constexpr int64_t kMinWeightsPerThread = 1 << 16;
 // Rows of x the streaming kernel multiplies at once (their accumulators live in registers).
 constexpr int64_t kMaxStreamRows = 4;
-// Bytes ahead of the weights being read that the AVX-512 kernel asks the cache for.
+// Bytes ahead of the weights being read that the vector kernels ask the cache for.
 constexpr int64_t kPrefetchAhead = 1024;
 // Weights per block that the rows of x share from the cache (256 KiB of bfloat16).
 constexpr int64_t kStreamBlockWeights = 1 << 17;
@@ -51,8 +59,11 @@ inline float widen(uint16_t bf16) {
 }
 inline float widen(int8_t q) { return static_cast<float>(q); }
 
-// What every streaming kernel needs: x float32 [M, K], the weight's raw elements [N, K], the per-row scale
-// (int8) or null, the bias float32 or null, out [M, N] of type Out; rows [n0, n1) of the weight.
+// What every streaming kernel needs: x float32 [M, K] (for the AVX2 kernel with bfloat16 weights, each
+// 16-wide block of the reduction as its 8 even then its 8 odd elements: `float_rows`), the weight's
+// raw elements [N, K], the per-row scale (int8) or null, the bias float32 or null, out [M, N] of type Out;
+// rows [n0, n1) of the weight. `from_memory`: whether this pass over the weights is their only one (then
+// they come from memory and the AVX2 kernel prefetches them; otherwise from the cache, where it would not help).
 template <typename W, typename Out>
 struct StreamArgs {
   const float* x;
@@ -61,6 +72,7 @@ struct StreamArgs {
   const float* bias;
   Out* out;
   int64_t M, N, K;
+  bool from_memory;
 };
 
 template <typename W, typename Out>
@@ -92,14 +104,17 @@ void stream_portable(const StreamArgs<W, Out>& a, int64_t n0, int64_t n1) {
 }
 
 #ifdef HAVE_X86_KERNELS
-// Eight weights as float32.
-AVX2_TARGET inline __m256 load8(const uint16_t* p) {
-  const __m128i raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
-  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(raw), 16));
+// Sixteen weights as two vectors of float32, in the order x is laid out for them: bfloat16 as its even and its
+// odd elements (a bfloat16 is the upper half of its float32), int8 as its first and its last eight.
+AVX2_TARGET inline void widen16(const uint16_t* p, __m256& first, __m256& second) {
+  const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  first = _mm256_castsi256_ps(_mm256_slli_epi32(raw, 16));
+  second = _mm256_castsi256_ps(_mm256_and_si256(raw, _mm256_set1_epi32(static_cast<int>(0xffff0000u))));
 }
-AVX2_TARGET inline __m256 load8(const int8_t* p) {
-  const __m128i raw = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(p));
-  return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(raw));
+AVX2_TARGET inline void widen16(const int8_t* p, __m256& first, __m256& second) {
+  const __m128i raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  first = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(raw));
+  second = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_unpackhi_epi64(raw, raw)));
 }
 AVX2_TARGET inline float hsum(__m256 v) {
   const __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
@@ -107,35 +122,43 @@ AVX2_TARGET inline float hsum(__m256 v) {
   return _mm_cvtss_f32(_mm_add_ss(t, _mm_movehdup_ps(t)));
 }
 
-// R weight rows from n times M rows of x: R * M accumulators of 8 lanes.
+// R weight rows from n times M rows of x: two accumulators of 8 lanes for each of the R * M outputs.
 template <int M, int R, typename W, typename Out>
 AVX2_TARGET void stream_rows_avx2(const StreamArgs<W, Out>& a, int64_t n) {
-  const int64_t K = a.K, body = K - K % 8;
-  __m256 acc[R][M];
+  constexpr int64_t kLine = 64 / sizeof(W);  // weights per cache line
+  const int64_t K = a.K, body = K - K % 16;
+  __m256 acc[R][M][2];
   for (int r = 0; r < R; ++r)
-    for (int m = 0; m < M; ++m) acc[r][m] = _mm256_setzero_ps();
-  for (int64_t k = 0; k < body; k += 8) {
-    __m256 xs[M];
-    for (int m = 0; m < M; ++m) xs[m] = _mm256_loadu_ps(a.x + m * K + k);
+    for (int m = 0; m < M; ++m) acc[r][m][0] = acc[r][m][1] = _mm256_setzero_ps();
+  for (int64_t k = 0; k < body; k += 16) {
     for (int r = 0; r < R; ++r) {
-      const __m256 wv = load8(a.w + (n + r) * K + k);
-      for (int m = 0; m < M; ++m) acc[r][m] = _mm256_fmadd_ps(wv, xs[m], acc[r][m]);
+      const W* wk = a.w + (n + r) * K + k;
+      if (a.from_memory && k % kLine == 0) {
+        _mm_prefetch(reinterpret_cast<const char*>(wk) + kPrefetchAhead, _MM_HINT_T0);
+      }
+      __m256 first, second;
+      widen16(wk, first, second);
+      for (int m = 0; m < M; ++m) {
+        acc[r][m][0] = _mm256_fmadd_ps(first, _mm256_loadu_ps(a.x + m * K + k), acc[r][m][0]);
+        acc[r][m][1] = _mm256_fmadd_ps(second, _mm256_loadu_ps(a.x + m * K + k + 8), acc[r][m][1]);
+      }
     }
   }
   for (int r = 0; r < R; ++r) {
     const W* wn = a.w + (n + r) * K;
     for (int m = 0; m < M; ++m) {
-      float sum = hsum(acc[r][m]);
+      float sum = hsum(_mm256_add_ps(acc[r][m][0], acc[r][m][1]));
       for (int64_t k = body; k < K; ++k) sum += widen(wn[k]) * a.x[m * K + k];
       store(a, m, n + r, sum);
     }
   }
 }
 
-// The AVX2 kernel: at most 8 accumulators, 4 independent sums for one row.
+// The AVX2 kernel: one weight row at a time, for one sequential stream (two at a time took 1.15 x as long on
+// one row on the EPYC of the comment at the top).
 struct Avx2 {
   template <int M>
-  static constexpr int kWeightRows = M <= 2 ? 4 : 2;
+  static constexpr int kWeightRows = 1;
   template <int M, int R, typename W, typename Out>
   static void rows(const StreamArgs<W, Out>& a, int64_t n) { stream_rows_avx2<M, R>(a, n); }
 };
@@ -247,11 +270,37 @@ std::optional<torch::Tensor> as_float(const std::optional<torch::Tensor>& t) {
   return t->to(torch::kFloat32).contiguous();
 }
 
+// x as float32 [M, K], contiguous; with `deinterleave` each whole 16-wide block of the reduction as its 8 even
+// then its 8 odd elements, the rest as it is (the order in which the AVX2 kernel widens bfloat16 weights). One
+// pass written here: as two ATen copies, the reordering cost 10 us per product at 16 wide on the EPYC.
+torch::Tensor float_rows(const torch::Tensor& x, bool deinterleave) {
+  if (!deinterleave) return x.to(torch::kFloat32).contiguous();
+  const auto xc = x.contiguous();
+  const int64_t M = xc.size(0), K = xc.size(1), body = K - K % 16;
+  auto out = torch::empty({M, K}, xc.options().dtype(torch::kFloat32));
+  float* dst = out.data_ptr<float>();
+  const auto reorder = [&](const auto* src) {
+    for (int64_t m = 0; m < M; ++m) {
+      const auto* row = src + m * K;
+      float* to = dst + m * K;
+      for (int64_t k = 0; k < body; ++k) to[k - k % 16 + k % 2 * 8 + k % 16 / 2] = static_cast<float>(row[k]);
+      for (int64_t k = body; k < K; ++k) to[k] = static_cast<float>(row[k]);
+    }
+  };
+  if (xc.scalar_type() == torch::kFloat32) {
+    reorder(xc.data_ptr<float>());
+  } else {
+    reorder(xc.data_ptr<at::BFloat16>());
+  }
+  return out;
+}
+
 // Blocks of weight rows over the threads; within a block, the rows of x four at a time, so that a block
 // read from memory once serves every row from the cache. Each output element is summed the same way
 // whatever M is, so one row decoded alone gets exactly the value it gets among many.
 template <typename W, typename Out>
-void run_stream(const StreamArgs<W, Out>& a, Kernel kernel) {
+void run_stream(StreamArgs<W, Out> a, Kernel kernel) {
+  a.from_memory = a.M <= kMaxStreamRows;
   const int64_t grain = std::max<int64_t>(1, kMinWeightsPerThread / std::max<int64_t>(a.K, 1));
   const int64_t block = std::max<int64_t>(1, kStreamBlockWeights / std::max<int64_t>(a.K, 1));
   at::parallel_for(0, a.N, grain, [&](int64_t n0, int64_t n1) {
@@ -279,15 +328,17 @@ void run_stream(const StreamArgs<W, Out>& a, Kernel kernel) {
 }
 
 template <typename W>
-void stream_dispatch(const torch::Tensor& xf, const torch::Tensor& w, const float* s, const float* b,
+void stream_dispatch(const torch::Tensor& x, const torch::Tensor& w, const float* s, const float* b,
                      torch::Tensor& out, Kernel kernel) {
-  const int64_t M = xf.size(0), K = xf.size(1), N = w.size(0);
+  const int64_t M = x.size(0), K = x.size(1), N = w.size(0);
   const W* w_ = reinterpret_cast<const W*>(w.data_ptr());
+  const torch::Tensor xf = float_rows(x, kernel == Kernel::kAvx2 && std::is_same_v<W, uint16_t>);
   if (out.scalar_type() == torch::kFloat32) {
-    run_stream(StreamArgs<W, float>{xf.data_ptr<float>(), w_, s, b, out.data_ptr<float>(), M, N, K}, kernel);
+    run_stream(StreamArgs<W, float>{xf.data_ptr<float>(), w_, s, b, out.data_ptr<float>(), M, N, K, false}, kernel);
   } else {
-    run_stream(StreamArgs<W, at::BFloat16>{xf.data_ptr<float>(), w_, s, b, out.data_ptr<at::BFloat16>(), M, N, K},
-               kernel);
+    run_stream(
+        StreamArgs<W, at::BFloat16>{xf.data_ptr<float>(), w_, s, b, out.data_ptr<at::BFloat16>(), M, N, K, false},
+        kernel);
   }
 }
 
@@ -317,16 +368,15 @@ torch::Tensor stream_linear_cpu(torch::Tensor x, torch::Tensor weight, std::opti
                         : cpu_has_avx512()     ? Kernel::kAvx512
                         : cpu_has_avx2_fma()   ? Kernel::kAvx2
                                                : Kernel::kPortable;
-  const auto xf = x.to(torch::kFloat32).contiguous();
   const auto w = weight.contiguous();
   const auto sf = as_float(scale), bf = as_float(bias);
   auto out = torch::empty({x.size(0), w.size(0)}, x.options());
   const float* s = sf ? sf->data_ptr<float>() : nullptr;
   const float* b = bf ? bf->data_ptr<float>() : nullptr;
   if (w.scalar_type() == torch::kChar) {
-    stream_dispatch<int8_t>(xf, w, s, b, out, chosen);
+    stream_dispatch<int8_t>(x, w, s, b, out, chosen);
   } else {
-    stream_dispatch<uint16_t>(xf, w, s, b, out, chosen);
+    stream_dispatch<uint16_t>(x, w, s, b, out, chosen);
   }
   return out;
 }
