@@ -16,8 +16,9 @@
 // software prefetch ahead of it, and keeps two sums per output (the halves of each 16-wide block of the
 // reduction) for independent FMAs; bfloat16 weights are widened two instructions per 16 (the even elements by
 // a shift, the odd ones by a mask), against x laid out the same way once per call. On an AMD EPYC with AVX2
-// (2 cores) this took the products of one row from 1.5 - 1.6 x to 1.04 - 1.13 x the time of reading the
-// weights, and those of 64 rows no slower (`bench recurrent`'s products alone, BENCHMARKS.md).
+// (2 cores) this took the products of one row from 1.53 x to 0.99 x the time of reading the weights in bf16
+// and from 2.37 x to 1.49 x in int8; at 64 rows, where the products are compute-bound, bf16 became 9 % slower
+// and int8 stayed the same (BENCHMARKS.md, the kernel before and after called directly in one run).
 //
 // Arithmetic: weights and inputs widened to float32 exactly, products summed in float32 (the same order for
 // an output whatever the number of rows), int8 sums times the row's scale, the bias (float32 of its stored
@@ -155,7 +156,7 @@ AVX2_TARGET void stream_rows_avx2(const StreamArgs<W, Out>& a, int64_t n) {
 }
 
 // The AVX2 kernel: one weight row at a time, for one sequential stream (two at a time took 1.15 x as long on
-// one row on the EPYC of the comment at the top).
+// one row on the EPYC of the comment at the top, in a scratch comparison).
 struct Avx2 {
   template <int M>
   static constexpr int kWeightRows = 1;
