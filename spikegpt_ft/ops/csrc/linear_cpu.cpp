@@ -16,9 +16,10 @@
 // software prefetch ahead of it, and keeps two sums per output (the halves of each 16-wide block of the
 // reduction) for independent FMAs; bfloat16 weights are widened two instructions per 16 (the even elements by
 // a shift, the odd ones by a mask), against x laid out the same way once per call. On an AMD EPYC with AVX2
-// (2 cores) this took the products of one row from 1.53 x to 0.99 x the time of reading the weights in bf16
-// and from 2.37 x to 1.49 x in int8; at 64 rows, where the products are compute-bound, bf16 became 9 % slower
-// and int8 stayed the same (BENCHMARKS.md, the kernel before and after called directly in one run).
+// (2 cores) this took the products of one row from 1.53 - 1.67 x to 0.99 - 1.00 x the time of reading the
+// weights in bf16 and from 2.35 - 2.37 x to 1.49 - 1.62 x in int8; at 64 rows, where the products are
+// compute-bound, bf16 became 7 - 9 % slower and int8 stayed the same (BENCHMARKS.md: the kernel before and
+// after called directly, side by side, in two runs).
 //
 // Arithmetic: weights and inputs widened to float32 exactly, products summed in float32 (the same order for
 // an output whatever the number of rows), int8 sums times the row's scale, the bias (float32 of its stored
@@ -273,7 +274,7 @@ std::optional<torch::Tensor> as_float(const std::optional<torch::Tensor>& t) {
 
 // x as float32 [M, K], contiguous; with `deinterleave` each whole 16-wide block of the reduction as its 8 even
 // then its 8 odd elements, the rest as it is (the order in which the AVX2 kernel widens bfloat16 weights). One
-// pass written here: as two ATen copies, the reordering cost 10 us per product at 16 wide on the EPYC.
+// pass written here: as two ATen copies, the reordering cost about 10 us per product at 16 wide on the EPYC.
 torch::Tensor float_rows(const torch::Tensor& x, bool deinterleave) {
   if (!deinterleave) return x.to(torch::kFloat32).contiguous();
   const auto xc = x.contiguous();
