@@ -34,6 +34,7 @@
 #include <optional>
 #include <string>
 #include <type_traits>
+#include <vector>
 
 #if defined(__x86_64__) && defined(__GNUC__)
 #include <immintrin.h>
@@ -267,21 +268,35 @@ void check_inputs(const torch::Tensor& x, const torch::Tensor& weight, const std
   TORCH_CHECK(!bias || bias->numel() == weight.size(0), "stream_linear: the bias must have one value per output");
 }
 
-std::optional<torch::Tensor> as_float(const std::optional<torch::Tensor>& t) {
-  if (!t) return std::nullopt;
-  return t->to(torch::kFloat32).contiguous();
+// The conversions of every product's small operands to float32 are written here rather than left to ATen: at
+// batch 1 a conversion op costs a few microseconds of dispatch on a slow CPU, more than its copy, for each of
+// the step's 127 products. On the EPYC of the comment at the top, torch.profiler counted 472 conversions
+// (aten::_to_copy) per token in the int8 216M step with ATen's, 218 with these, as many as in the bf16 step.
+
+// A scale or bias as float32 values (none for none).
+std::vector<float> as_floats(const std::optional<torch::Tensor>& t) {
+  if (!t) return {};
+  const auto tc = t->contiguous();
+  std::vector<float> out(tc.numel());
+  if (tc.scalar_type() == torch::kBFloat16) {
+    const auto* src = tc.data_ptr<at::BFloat16>();
+    for (size_t i = 0; i < out.size(); ++i) out[i] = static_cast<float>(src[i]);
+  } else {
+    const auto f = tc.to(torch::kFloat32);
+    std::copy_n(f.data_ptr<float>(), out.size(), out.data());
+  }
+  return out;
 }
 
 // x as float32 [M, K], contiguous; with `deinterleave` each whole 16-wide block of the reduction as its 8 even
-// then its 8 odd elements, the rest as it is (the order in which the AVX2 kernel widens bfloat16 weights). One
-// pass written here: as two ATen copies, the reordering cost about 10 us per product at 16 wide on the EPYC.
+// then its 8 odd elements, the rest as it is (the order in which the AVX2 kernel widens bfloat16 weights).
 torch::Tensor float_rows(const torch::Tensor& x, bool deinterleave) {
-  if (!deinterleave) return x.to(torch::kFloat32).contiguous();
   const auto xc = x.contiguous();
-  const int64_t M = xc.size(0), K = xc.size(1), body = K - K % 16;
+  if (!deinterleave && xc.scalar_type() == torch::kFloat32) return xc;
+  const int64_t M = xc.size(0), K = xc.size(1), body = deinterleave ? K - K % 16 : 0;
   auto out = torch::empty({M, K}, xc.options().dtype(torch::kFloat32));
   float* dst = out.data_ptr<float>();
-  const auto reorder = [&](const auto* src) {
+  const auto convert = [&](const auto* src) {
     for (int64_t m = 0; m < M; ++m) {
       const auto* row = src + m * K;
       float* to = dst + m * K;
@@ -290,9 +305,9 @@ torch::Tensor float_rows(const torch::Tensor& x, bool deinterleave) {
     }
   };
   if (xc.scalar_type() == torch::kFloat32) {
-    reorder(xc.data_ptr<float>());
+    convert(xc.data_ptr<float>());
   } else {
-    reorder(xc.data_ptr<at::BFloat16>());
+    convert(xc.data_ptr<at::BFloat16>());
   }
   return out;
 }
@@ -371,10 +386,10 @@ torch::Tensor stream_linear_cpu(torch::Tensor x, torch::Tensor weight, std::opti
                         : cpu_has_avx2_fma()   ? Kernel::kAvx2
                                                : Kernel::kPortable;
   const auto w = weight.contiguous();
-  const auto sf = as_float(scale), bf = as_float(bias);
+  const auto sf = as_floats(scale), bf = as_floats(bias);
   auto out = torch::empty({x.size(0), w.size(0)}, x.options());
-  const float* s = sf ? sf->data_ptr<float>() : nullptr;
-  const float* b = bf ? bf->data_ptr<float>() : nullptr;
+  const float* s = scale ? sf.data() : nullptr;
+  const float* b = bias ? bf.data() : nullptr;
   if (w.scalar_type() == torch::kChar) {
     stream_dispatch<int8_t>(x, w, s, b, out, chosen);
   } else {
