@@ -316,8 +316,7 @@ torch::Tensor float_rows(const torch::Tensor& x, bool deinterleave) {
 // read from memory once serves every row from the cache. Each output element is summed the same way
 // whatever M is, so one row decoded alone gets exactly the value it gets among many.
 template <typename W, typename Out>
-void run_stream(StreamArgs<W, Out> a, Kernel kernel) {
-  a.from_memory = a.M <= kMaxStreamRows;
+void run_stream(const StreamArgs<W, Out>& a, Kernel kernel) {
   const int64_t grain = std::max<int64_t>(1, kMinWeightsPerThread / std::max<int64_t>(a.K, 1));
   const int64_t block = std::max<int64_t>(1, kStreamBlockWeights / std::max<int64_t>(a.K, 1));
   at::parallel_for(0, a.N, grain, [&](int64_t n0, int64_t n1) {
@@ -350,12 +349,14 @@ void stream_dispatch(const torch::Tensor& x, const torch::Tensor& w, const float
   const int64_t M = x.size(0), K = x.size(1), N = w.size(0);
   const W* w_ = reinterpret_cast<const W*>(w.data_ptr());
   const torch::Tensor xf = float_rows(x, kernel == Kernel::kAvx2 && std::is_same_v<W, uint16_t>);
+  const bool from_memory = M <= kMaxStreamRows;  // one group of rows: one pass over the weights
   if (out.scalar_type() == torch::kFloat32) {
-    run_stream(StreamArgs<W, float>{xf.data_ptr<float>(), w_, s, b, out.data_ptr<float>(), M, N, K, false}, kernel);
+    run_stream(StreamArgs<W, float>{xf.data_ptr<float>(), w_, s, b, out.data_ptr<float>(), M, N, K, from_memory},
+               kernel);
   } else {
-    run_stream(
-        StreamArgs<W, at::BFloat16>{xf.data_ptr<float>(), w_, s, b, out.data_ptr<at::BFloat16>(), M, N, K, false},
-        kernel);
+    run_stream(StreamArgs<W, at::BFloat16>{xf.data_ptr<float>(), w_, s, b, out.data_ptr<at::BFloat16>(), M, N, K,
+                                           from_memory},
+               kernel);
   }
 }
 
