@@ -126,8 +126,10 @@ def block_operands(
         eps.add(ln.eps)
     for path in MIX_TENSORS:
         tensor = block.get_parameter(path)
-        if path.rsplit(".", 1)[1].startswith("time_mix") and tensor.dtype != dtype:
-            return None
+        if path.rsplit(".", 1)[1].startswith("time_mix"):
+            if tensor.dtype != dtype or not tensor.is_contiguous():
+                return None
+            tensor = tensor.view(-1)  # [C], as the kernel mixes one token: a view, which sees changes in place
         tensors.append(tensor)
     products = tuple(product(block.get_submodule(path), dtype, rows) for path in PRODUCTS)
     if any(p is None for p in products):

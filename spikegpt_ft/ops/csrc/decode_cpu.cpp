@@ -12,14 +12,19 @@
 #include <torch/extension.h>
 #include <ATen/MemoryOverlap.h>
 
+#include <algorithm>
 #include <optional>
 #include <string>
 #include <vector>
 
-std::vector<torch::Tensor> wkv_forward_cpu(torch::Tensor w, torch::Tensor u, torch::Tensor k, torch::Tensor v,
-                                           std::optional<torch::Tensor> r, torch::Tensor state, int64_t chunk_len);
-std::vector<torch::Tensor> lif_forward_cpu(torch::Tensor x, torch::Tensor v0, double tau, double v_threshold,
-                                           double v_reset);
+// The loops below must round as the ATen ops they stand for: no FMA contraction or other fast-math rewriting
+// (the extension is built with -ffast-math; see lif_cpu.cpp).
+#pragma GCC optimize("no-fast-math", "fp-contract=off")
+
+void wkv_step_cpu(const float* w, const float* u, const float* k, const float* v, const float* r,
+                  const float* state_in, float* state_out, float* out, int64_t B, int64_t C);
+void lif_step_cpu(const float* x, const float* v0, float* spikes, float* v_last, int64_t n, double tau,
+                  double v_threshold, double v_reset);
 torch::Tensor stream_linear_cpu(torch::Tensor x, torch::Tensor weight, std::optional<torch::Tensor> scale,
                                 std::optional<torch::Tensor> bias, const std::string& kernel);
 torch::Tensor amx_linear_cpu(torch::Tensor x, torch::Tensor packed, int64_t N, std::optional<torch::Tensor> bias);
@@ -51,16 +56,70 @@ constexpr int64_t kLifSettings = 6;
 
 using Tensors = std::vector<std::optional<torch::Tensor>>;
 
-// The membrane a neuron starts the token from: the carried one, or v_reset for a neuron at rest.
-torch::Tensor membrane_or_rest(const std::optional<torch::Tensor>& membrane, double v_reset, int64_t B, int64_t C) {
-  return membrane ? membrane->contiguous() : at::full({B, C}, v_reset, torch::kFloat32);
+// The elementwise steps between the products are written as loops over raw arrays, not ATen ops: at batch 1
+// each ATen op costs microseconds of dispatch and allocation, several times the arithmetic of a 768-wide row,
+// and a step has hundreds (BENCHMARKS.md, "step overhead"). Only steps whose result does not depend on how
+// they are computed are written so: conversions between float32 and bfloat16 (exact one way, rounded to
+// nearest even the other, as ATen rounds), a sum or product of two values rounded once to the dtype, max(0, x),
+// and the WKV and LIF kernels' own loops (wkv_step_cpu, lif_step_cpu). LayerNorm, the token-shift mix
+// (addcmul), exp and sigmoid stay ATen's, as the modules compute them.
+
+// The float32 values of a tensor, row-major (bfloat16 widened here; another dtype than float32 by ATen).
+std::vector<float> floats_of(const torch::Tensor& t) {
+  const auto c = t.is_contiguous() ? t : t.contiguous();
+  std::vector<float> out(c.numel());
+  if (c.scalar_type() == torch::kBFloat16) {
+    const auto* src = c.data_ptr<at::BFloat16>();
+    for (size_t i = 0; i < out.size(); ++i) out[i] = static_cast<float>(src[i]);
+  } else {
+    const auto f = c.scalar_type() == torch::kFloat32 ? c : c.to(torch::kFloat32);
+    std::copy_n(f.data_ptr<float>(), out.size(), out.data());
+  }
+  return out;
 }
 
-// The LIF layer along one token from membrane v0: spikes in x's dtype; the membrane it ends with in `membrane`.
-torch::Tensor fire(const torch::Tensor& x, const torch::Tensor& v0, torch::Tensor& membrane, const double* settings) {
-  auto out = lif_forward_cpu(x.to(torch::kFloat32).unsqueeze(0).contiguous(), v0, settings[0], settings[1], settings[2]);
-  membrane = out[1];
-  return out[0].squeeze(0).to(x.scalar_type());
+// fn(i) for every element i, written into a new tensor of `dtype` (float32 or bfloat16) and `sizes`.
+template <typename F>
+torch::Tensor tensor_from(at::IntArrayRef sizes, at::ScalarType dtype, const F& fn) {
+  auto out = torch::empty(sizes, torch::TensorOptions().dtype(dtype));
+  const int64_t n = out.numel();
+  if (dtype == torch::kBFloat16) {
+    auto* dst = out.data_ptr<at::BFloat16>();
+    for (int64_t i = 0; i < n; ++i) dst[i] = at::BFloat16(fn(i));
+  } else {
+    auto* dst = out.data_ptr<float>();
+    for (int64_t i = 0; i < n; ++i) dst[i] = fn(i);
+  }
+  return out;
+}
+
+// The LIF layer along one token: the spikes (0 or 1) of `input` from the membrane v0 (nullopt: at rest,
+// v_reset), as float32; the membrane after it into `membrane`.
+std::vector<float> fire(const torch::Tensor& input, const std::optional<torch::Tensor>& v0, torch::Tensor& membrane,
+                        const double* settings) {
+  const auto x = floats_of(input);
+  const int64_t n = static_cast<int64_t>(x.size());
+  std::vector<float> rest, spikes(n);
+  const float* start;
+  torch::Tensor carried;
+  if (v0) {
+    carried = v0->contiguous();
+    start = carried.data_ptr<float>();
+  } else {
+    rest.assign(n, static_cast<float>(settings[2]));
+    start = rest.data();
+  }
+  membrane = torch::empty(input.sizes(), torch::TensorOptions().dtype(torch::kFloat32));
+  lif_step_cpu(x.data(), start, spikes.data(), membrane.data_ptr<float>(), n, settings[0], settings[1], settings[2]);
+  return spikes;
+}
+
+// x + LIF(input): the residual stream after a spiking layer, in x's dtype (`x + spikes`, rounded once).
+torch::Tensor add_fired(const torch::Tensor& x, const torch::Tensor& input, const std::optional<torch::Tensor>& v0,
+                        torch::Tensor& membrane, const double* settings) {
+  const auto spikes = fire(input, v0, membrane, settings);
+  const auto xs = floats_of(x);
+  return tensor_from(x.sizes(), x.scalar_type(), [&](int64_t i) { return xs[i] + spikes[i]; });
 }
 
 // One call's view of its inputs and outputs, block by block.
@@ -94,7 +153,9 @@ struct Step {
       out = amx_linear_cpu(x, get(slot + 2), w.size(0), std::nullopt);
     } else if (!has(slot + 1)) {
       out = stream_linear_cpu(x, w, std::nullopt, std::nullopt, "auto");
-    } else {  // Int8Linear: bfloat16 rows in, the result back in x's dtype
+    } else if (x.scalar_type() == torch::kBFloat16) {  // Int8Linear: bfloat16 rows in
+      out = stream_linear_cpu(x, w, get(slot + 1), std::nullopt, "auto");
+    } else {  // the same, the result back in x's dtype
       out = stream_linear_cpu(x.to(torch::kBFloat16), w, get(slot + 1), std::nullopt, "auto").to(x.scalar_type());
     }
     if (!has(slot + 3)) return out;
@@ -103,10 +164,10 @@ struct Step {
     const int64_t neuron = block * kNeurons + p;
     if (gates[index] != kNoGate) {
       // temporal: the carried membrane; pointwise: from rest at every token, nothing carried
-      const auto v0 = gates[index] == kTemporal ? membrane_or_rest(membranes[neuron], s[3], a.size(0), a.size(1))
-                                                : at::full({a.size(0), a.size(1)}, s[3], torch::kFloat32);
       torch::Tensor v_last;
-      a = fire(a, v0, v_last, s + 1) * a;
+      const auto spikes = fire(a, gates[index] == kTemporal ? membranes[neuron] : std::nullopt, v_last, s + 1);
+      const auto down = floats_of(a);
+      a = tensor_from(a.sizes(), a.scalar_type(), [&](int64_t i) { return spikes[i] * down[i]; });
       if (gates[index] == kTemporal) next_membranes[neuron] = v_last;
       if (record) gated[index] = a;
     }
@@ -115,8 +176,8 @@ struct Step {
 };
 
 torch::Tensor mix(const torch::Tensor& previous, const torch::Tensor& mu, const torch::Tensor& delta) {
-  // y * mu + previous * (1 - mu) as shift_mix computes it for one token: previous + mu * (y - previous)
-  return at::addcmul(previous, mu.reshape({-1}), delta);
+  // y * mu + previous * (1 - mu) as shift_mix computes it for one token: previous + mu * (y - previous), mu [C]
+  return at::addcmul(previous, mu, delta);
 }
 
 }  // namespace
@@ -147,6 +208,10 @@ std::vector<torch::Tensor> decode_blocks_cpu(torch::Tensor x, Tensors tensors, s
                   att_shift.size(2) == C && wkv.dim() == 4 && wkv.size(0) == L && wkv.size(1) == B &&
                   wkv.size(2) == 3 && wkv.size(3) == C,
               "decode_blocks: the state does not match x [", B, ", ", C, "]");
+  TORCH_CHECK(att_shift.scalar_type() == torch::kFloat32 && ffn_shift.scalar_type() == torch::kFloat32 &&
+                  wkv.scalar_type() == torch::kFloat32 && att_shift.device().is_cpu() &&
+                  ffn_shift.device().is_cpu() && wkv.device().is_cpu(),
+              "decode_blocks: the state must be float32 CPU tensors");
   const auto dtype = x.scalar_type();
   // The next shifts and WKV state: into the caller's tensors where given (a decoding loop's spare state, which
   // spares it 18 MB of fresh memory per step at batch 64 of the 216M model), else new tensors.
@@ -164,12 +229,23 @@ std::vector<torch::Tensor> decode_blocks_cpu(torch::Tensor x, Tensors tensors, s
     for (size_t j = 0; j < k; ++j) separate = separate && apart(into[j]);
     TORCH_CHECK(separate, "decode_blocks: into[", k, "] overlaps the state or another of into's tensors");
   }
-  auto att_next = into.empty() ? torch::empty_like(att_shift) : into[0];
-  auto ffn_next = into.empty() ? torch::empty_like(ffn_shift) : into[1];
-  auto wkv_next = into.empty() ? torch::empty_like(wkv) : into[2];
+  auto att_next = into.empty() ? torch::empty(att_shift.sizes(), att_shift.options()) : into[0];
+  auto ffn_next = into.empty() ? torch::empty(ffn_shift.sizes(), ffn_shift.options()) : into[1];
+  auto wkv_next = into.empty() ? torch::empty(wkv.sizes(), wkv.options()) : into[2];
+  const auto att_in = att_shift.contiguous(), ffn_in = ffn_shift.contiguous(), wkv_in = wkv.contiguous();
   std::vector<torch::Tensor> next_membranes(L * kNeurons), gated(record ? L * kProducts : 0);
   Step step{tensors, kernels, gates, scalars, membranes, next_membranes, gated, record};
-  const std::vector<int64_t> normalized{C};
+  const std::vector<int64_t> normalized{C}, rows{B, C};
+  const int64_t row = B * C;
+  // block i's shift of the previous token in x's dtype, and the one after it written from y
+  const auto previous_of = [&](const torch::Tensor& shift, int64_t i) {
+    const float* p = shift.data_ptr<float>() + i * row;
+    return tensor_from(rows, dtype, [&](int64_t j) { return p[j]; });
+  };
+  const auto keep = [&](torch::Tensor& next, int64_t i, const torch::Tensor& y) {
+    const auto ys = floats_of(y);
+    std::copy_n(ys.data(), row, next.data_ptr<float>() + i * row);
+  };
   for (int64_t i = 0; i < L; ++i) {
     step.block = i;
     const double* lif1 = &lif[i * kLifSettings];
@@ -177,29 +253,37 @@ std::vector<torch::Tensor> decode_blocks_cpu(torch::Tensor x, Tensors tensors, s
     if (step.has(kLn0Weight)) x = at::layer_norm(x, normalized, step.get(kLn0Weight), step.get(kLn0Bias), eps);
     // time mix
     const auto y = at::layer_norm(x, normalized, step.get(kLn1Weight), step.get(kLn1Bias), eps);
-    const auto previous = att_shift[i].to(dtype);
+    const auto previous = previous_of(att_in, i);
     const auto delta = y - previous;
-    const auto k = step.product(kAttKey, mix(previous, step.get(kAttMixK), delta));
-    const auto v = step.product(kAttValue, mix(previous, step.get(kAttMixV), delta));
-    const auto r = step.product(kAttReceptance, mix(previous, step.get(kAttMixR), delta));
-    const auto w = -at::exp(step.get(kTimeDecay).to(torch::kFloat32)).contiguous();
-    const auto u = step.get(kTimeFirst).to(torch::kFloat32).contiguous();
-    auto as_seq = [&](const torch::Tensor& t) { return t.to(torch::kFloat32).view({B, 1, C}).contiguous(); };
-    const auto wkv_out = wkv_forward_cpu(w, u, as_seq(k), as_seq(v), as_seq(r), wkv[i].contiguous(), 0);
-    wkv_next[i].copy_(wkv_out[2]);
-    const auto mixed = step.product(kAttOutput, wkv_out[3].view({B, C}).to(dtype));
+    const auto kf = floats_of(step.product(kAttKey, mix(previous, step.get(kAttMixK), delta)));
+    const auto vf = floats_of(step.product(kAttValue, mix(previous, step.get(kAttMixV), delta)));
+    const auto rf = floats_of(step.product(kAttReceptance, mix(previous, step.get(kAttMixR), delta)));
+    // w = -exp(time_decay), the negation exact
+    const auto decay = floats_of(at::exp(step.get(kTimeDecay).to(torch::kFloat32)));
+    std::vector<float> w(C), wkv_out(row);
+    for (int64_t c = 0; c < C; ++c) w[c] = -decay[c];
+    const auto u = floats_of(step.get(kTimeFirst));
+    wkv_step_cpu(w.data(), u.data(), kf.data(), vf.data(), rf.data(), wkv_in.data_ptr<float>() + i * 3 * row,
+                 wkv_next.data_ptr<float>() + i * 3 * row, wkv_out.data(), B, C);
+    const auto mixed = step.product(kAttOutput, tensor_from(rows, dtype, [&](int64_t j) { return wkv_out[j]; }));
     const int64_t neurons = i * kNeurons + kProducts;
-    x = x + fire(mixed, membrane_or_rest(membranes[neurons], lif1[2], B, C), next_membranes[neurons], lif1);
-    att_next[i].copy_(y);
+    x = add_fired(x, mixed, membranes[neurons], next_membranes[neurons], lif1);
+    keep(att_next, i, y);
     // channel mix
     const auto z = at::layer_norm(x, normalized, step.get(kLn2Weight), step.get(kLn2Bias), eps);
-    const auto previous2 = ffn_shift[i].to(dtype);
+    const auto previous2 = previous_of(ffn_in, i);
     const auto delta2 = z - previous2;
-    const auto key = at::square(at::relu(step.product(kFfnKey, mix(previous2, step.get(kFfnMixK), delta2))));
-    const auto gate = at::sigmoid(step.product(kFfnReceptance, mix(previous2, step.get(kFfnMixR), delta2)));
-    const auto channel = gate * step.product(kFfnValue, key);
-    x = x + fire(channel, membrane_or_rest(membranes[neurons + 1], lif2[2], B, C), next_membranes[neurons + 1], lif2);
-    ffn_next[i].copy_(z);
+    const auto k_lin = floats_of(step.product(kFfnKey, mix(previous2, step.get(kFfnMixK), delta2)));
+    // square(relu(k)): max(0, k) exact, the square rounded once to the dtype
+    const auto key = tensor_from({B, static_cast<int64_t>(k_lin.size()) / B}, dtype, [&](int64_t j) {
+      const float positive = std::max(k_lin[j], 0.0f);
+      return positive * positive;
+    });
+    const auto gate = floats_of(at::sigmoid(step.product(kFfnReceptance, mix(previous2, step.get(kFfnMixR), delta2))));
+    const auto value = floats_of(step.product(kFfnValue, key));
+    const auto channel = tensor_from(rows, dtype, [&](int64_t j) { return gate[j] * value[j]; });
+    x = add_fired(x, channel, membranes[neurons + 1], next_membranes[neurons + 1], lif2);
+    keep(ffn_next, i, z);
   }
   std::vector<torch::Tensor> out{x, att_next, ffn_next, wkv_next};
   out.insert(out.end(), next_membranes.begin(), next_membranes.end());

@@ -146,6 +146,18 @@ std::vector<torch::Tensor> lif_forward_cpu(torch::Tensor x, torch::Tensor v0, do
   return {spikes, v_last, h};
 }
 
+// One time step of n channels from raw float32 arrays, for the recurrent step (decode_cpu.cpp), which holds
+// its operands as arrays rather than tensors: the forward above with T = 1, through the same loop, so the
+// spikes and the membrane are bitwise those of lif_forward_cpu.
+void lif_step_cpu(const float* x, const float* v0, float* spikes, float* v_last, int64_t n, double tau,
+                  double v_threshold, double v_reset) {
+  const Neuron p = neuron(tau, v_threshold, v_reset);
+  std::vector<float> h(n);  // the charge, which only the backward needs
+  for (int64_t c0 = 0; c0 < n; c0 += kBlock) {
+    forward_block(x, v0, spikes, v_last, h.data(), 1, n, c0, std::min(kBlock, n - c0), p);
+  }
+}
+
 std::vector<torch::Tensor> lif_backward_cpu(torch::Tensor grad_spikes, torch::Tensor grad_v_last, torch::Tensor h,
                                             double tau, double v_threshold, double v_reset, double alpha) {
   const int64_t N = check_shapes(h, grad_v_last, "h", "grad_v_last"), T = h.size(0);

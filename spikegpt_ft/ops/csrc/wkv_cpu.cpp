@@ -21,6 +21,7 @@
 #include <algorithm>
 #include <optional>
 #include <type_traits>
+#include <vector>
 
 #include "cpu_clones.h"
 #include "wkv_core.h"
@@ -282,6 +283,20 @@ std::vector<torch::Tensor> wkv_forward_cpu(torch::Tensor w, torch::Tensor u, tor
     });
   }); });
   return {y, log_den, state_out, out};
+}
+
+// One token per sequence from raw float32 arrays, for the recurrent step (decode_cpu.cpp), which holds its
+// operands as arrays rather than tensors: w, u [C]; k, v, r [B, C]; the state [B, 3, C] before (state_in) and
+// after (state_out); the gated output sigmoid(r) y into out [B, C]. The forward above with T = 1, through the
+// same loop, so the results are bitwise those of wkv_forward_cpu.
+void wkv_step_cpu(const float* w, const float* u, const float* k, const float* v, const float* r,
+                  const float* state_in, float* state_out, float* out, int64_t B, int64_t C) {
+  std::vector<float> y(B * C), log_den(B * C);  // what only the backward needs
+  parallel_over(B, C, 1, 1, [&](const Work& at) {
+    const int64_t seq = at.b * C, st = at.b * 3 * C;
+    forward_chunk<true>(w, u, k + seq, v + seq, r + seq, state_in + st, y.data() + seq, log_den.data() + seq,
+                        out + seq, state_out + st, C, at, 0, 1);
+  });
 }
 
 // gout: the gradient of forward's `out`. Returns (gw, gu, gk, gv, gr); gr is empty without r.
