@@ -273,10 +273,13 @@ void check_inputs(const torch::Tensor& x, const torch::Tensor& weight, const std
 // the step's 127 products. On the EPYC of the comment at the top, torch.profiler counted 472 conversions
 // (aten::_to_copy) per token in the int8 216M step with ATen's, 218 with these, as many as in the bf16 step.
 
+// `t` itself where it is contiguous (is_contiguous reads a flag; contiguous() is a dispatched op).
+torch::Tensor contiguous(const torch::Tensor& t) { return t.is_contiguous() ? t : t.contiguous(); }
+
 // A scale or bias as float32 values (none for none).
 std::vector<float> as_floats(const std::optional<torch::Tensor>& t) {
   if (!t) return {};
-  const auto tc = t->contiguous();
+  const auto tc = contiguous(*t);
   std::vector<float> out(tc.numel());
   if (tc.scalar_type() == torch::kBFloat16) {
     const auto* src = tc.data_ptr<at::BFloat16>();
@@ -288,14 +291,26 @@ std::vector<float> as_floats(const std::optional<torch::Tensor>& t) {
   return out;
 }
 
-// x as float32 [M, K], contiguous; with `deinterleave` each whole 16-wide block of the reduction as its 8 even
-// then its 8 odd elements, the rest as it is (the order in which the AVX2 kernel widens bfloat16 weights).
-torch::Tensor float_rows(const torch::Tensor& x, bool deinterleave) {
-  const auto xc = x.contiguous();
-  if (!deinterleave && xc.scalar_type() == torch::kFloat32) return xc;
+// x as float32 [M, K], row-major: x's own memory where it is float32 and needs no reordering, else a copy
+// (a vector, not a tensor: an allocation without a dispatched op).
+struct FloatRows {
+  torch::Tensor source;
+  std::vector<float> copy;
+  const float* data;
+};
+
+// With `deinterleave` each whole 16-wide block of the reduction as its 8 even then its 8 odd elements, the
+// rest as it is (the order in which the AVX2 kernel widens bfloat16 weights).
+FloatRows float_rows(const torch::Tensor& x, bool deinterleave) {
+  FloatRows rows{contiguous(x), {}, nullptr};
+  const auto& xc = rows.source;
+  if (!deinterleave && xc.scalar_type() == torch::kFloat32) {
+    rows.data = xc.data_ptr<float>();
+    return rows;
+  }
   const int64_t M = xc.size(0), K = xc.size(1), body = deinterleave ? K - K % 16 : 0;
-  auto out = torch::empty({M, K}, xc.options().dtype(torch::kFloat32));
-  float* dst = out.data_ptr<float>();
+  rows.copy.resize(M * K);
+  float* dst = rows.copy.data();
   const auto convert = [&](const auto* src) {
     for (int64_t m = 0; m < M; ++m) {
       const auto* row = src + m * K;
@@ -309,7 +324,8 @@ torch::Tensor float_rows(const torch::Tensor& x, bool deinterleave) {
   } else {
     convert(xc.data_ptr<at::BFloat16>());
   }
-  return out;
+  rows.data = dst;
+  return rows;
 }
 
 // Blocks of weight rows over the threads; within a block, the rows of x four at a time, so that a block
@@ -348,14 +364,12 @@ void stream_dispatch(const torch::Tensor& x, const torch::Tensor& w, const float
                      torch::Tensor& out, Kernel kernel) {
   const int64_t M = x.size(0), K = x.size(1), N = w.size(0);
   const W* w_ = reinterpret_cast<const W*>(w.data_ptr());
-  const torch::Tensor xf = float_rows(x, kernel == Kernel::kAvx2 && std::is_same_v<W, uint16_t>);
+  const auto xf = float_rows(x, kernel == Kernel::kAvx2 && std::is_same_v<W, uint16_t>);
   const bool from_memory = M <= kMaxStreamRows;  // one group of rows: one pass over the weights
   if (out.scalar_type() == torch::kFloat32) {
-    run_stream(StreamArgs<W, float>{xf.data_ptr<float>(), w_, s, b, out.data_ptr<float>(), M, N, K, from_memory},
-               kernel);
+    run_stream(StreamArgs<W, float>{xf.data, w_, s, b, out.data_ptr<float>(), M, N, K, from_memory}, kernel);
   } else {
-    run_stream(StreamArgs<W, at::BFloat16>{xf.data_ptr<float>(), w_, s, b, out.data_ptr<at::BFloat16>(), M, N, K,
-                                           from_memory},
+    run_stream(StreamArgs<W, at::BFloat16>{xf.data, w_, s, b, out.data_ptr<at::BFloat16>(), M, N, K, from_memory},
                kernel);
   }
 }
@@ -386,7 +400,7 @@ torch::Tensor stream_linear_cpu(torch::Tensor x, torch::Tensor weight, std::opti
                         : cpu_has_avx512()     ? Kernel::kAvx512
                         : cpu_has_avx2_fma()   ? Kernel::kAvx2
                                                : Kernel::kPortable;
-  const auto w = weight.contiguous();
+  const auto w = contiguous(weight);
   const auto sf = as_floats(scale), bf = as_floats(bias);
   auto out = torch::empty({x.size(0), w.size(0)}, x.options());
   const float* s = scale ? sf.data() : nullptr;
