@@ -138,7 +138,9 @@ class GraphedStepper:
         """Collect the compiled step's operands (``None``: the model's blocks take ``model.step``)."""
         self._compiled = compile_step(self.model, self.batch_size)
         modules = [] if self._compiled is None else [m for b in self.model.blocks for m in b.modules()]
-        self._compiled_modules = modules
+        # the blocks' modules' hook dictionaries, which registering a hook fills in place: one any() over them per
+        # step (hundreds of modules) instead of a generator over the modules
+        self._hook_dicts = [d for m in modules for d in (m._forward_hooks, m._forward_pre_hooks)]
         self._adapters = [(m, m.merged) for m in modules if isinstance(m, AdapterLinear)]
 
     def _compiled_step_applies(self) -> bool:
@@ -156,7 +158,7 @@ class GraphedStepper:
         """
         if module_hooks._global_forward_hooks or module_hooks._global_forward_pre_hooks:
             return True
-        return any(m._forward_hooks or m._forward_pre_hooks for m in self._compiled_modules)
+        return any(self._hook_dicts)
 
     def _advance_compiled(self) -> None:
         # on the CPU nothing holds the buffers' addresses: the next state's tensors become the buffers, and the
