@@ -3,9 +3,10 @@
 At batch 1 a step of SpikeGPT is some 25 tiny operations per block, and from Python each costs microseconds
 of interpreter and module dispatch: at 18 layers that is milliseconds per token, whatever the width
 (BENCHMARKS.md, "step overhead"). :func:`decode_blocks` runs the blocks' operations from C++
-(``csrc/decode_cpu.cpp``): the same ATen ops and the same WKV, LIF and product kernels, in the same dtypes
-and order as the modules, so its results are bitwise those of ``model.step`` (the reference; the tests
-compare the two).
+(``csrc/decode_cpu.cpp``): the same WKV, LIF and product kernels and ATen's LayerNorm, mix, exp and
+sigmoid, the conversions and two-operand sums and products as loops of its own (rounded as ATen rounds), in
+the same dtypes and order as the modules, so its results are bitwise those of ``model.step`` (the reference;
+the tests compare the two).
 
 It applies to blocks built as :class:`~spikegpt_ft.model.SpikeGPT` builds them: LayerNorms, the ops'
 :class:`~spikegpt_ft.ops.Linear` or :class:`~spikegpt_ft.ops.Int8Linear` without bias, and

@@ -2,10 +2,11 @@
 //
 // Why hand-written: at batch 1 a step is a few hundred tiny operations, and from Python each costs a few
 // microseconds of interpreter and module dispatch, more than the arithmetic of a narrow model and a large
-// part of a wide one's step (BENCHMARKS.md). Here the same operations run from C++: the same ATen ops
-// and the same kernels (WKV, LIF, streaming product) on the same dtypes in the same order as the modules
-// of spikegpt_ft/model/spikegpt.py, so the results are bitwise those of the module path
-// (tests/test_decode_step.py checks it). A linear layer may carry a LoRA or SpikeLoRA adapter (its gate a
+// part of a wide one's step (BENCHMARKS.md). Here the same operations run from C++, in the same dtypes and
+// order as the modules of spikegpt_ft/model/spikegpt.py: the same kernels (WKV, LIF, streaming product),
+// ATen's LayerNorm, mix, exp and sigmoid, and loops of their own for the steps whose rounding is fixed
+// (conversions, sums and products of two values; see below), so the results are bitwise those of the module
+// path (tests/test_decode_step.py checks it). A linear layer may carry a LoRA or SpikeLoRA adapter (its gate a
 // temporal or a pointwise LIF), computed as spikegpt_ft/adapters/layer.py does. The Python side
 // (spikegpt_ft/ops/decode.py) decides when this path applies and lays out the tensors; the layout of one
 // block is `Slot` below.
