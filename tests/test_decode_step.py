@@ -151,6 +151,27 @@ def test_decode_blocks_writes_the_next_state_into_given_tensors_and_refuses_over
             decode_blocks(*inputs, into=(into[0], into[1], into[2][:, :1]))
 
 
+def test_decode_blocks_reads_a_strided_state_as_its_values_and_refuses_one_not_in_float32():
+    """The kernel reads the state through raw pointers: a state laid out otherwise must give the same result."""
+    model = model_in("bfloat16")
+    with torch.no_grad():
+        _, state = model.step(torch.tensor([4, 5]), model.init_state(2))
+        stack = stack_operands([block_operands(b, torch.bfloat16, 2) for b in model.blocks])
+        x = model.binarize(model.emb(torch.tensor([6, 7])))
+
+        def strided(t: torch.Tensor) -> torch.Tensor:  # the same values, the last two dimensions swapped in memory
+            return torch.empty(t.shape[0], *t.shape[:0:-1], dtype=t.dtype).transpose(1, -1).copy_(t)
+
+        shifts = (state.att_shift, state.ffn_shift, state.wkv)
+        plain = decode_blocks(x, stack, *shifts, slots(model, state))
+        other = decode_blocks(x, stack, *(strided(t) for t in shifts), slots(model, state))
+        assert not strided(state.wkv).is_contiguous()
+        assert all(torch.equal(a, b) for a, b in zip(plain[:4], other[:4], strict=True))
+        assert all(torch.equal(a, b) for a, b in zip(carried(plain[4]), carried(other[4]), strict=True))
+        with pytest.raises(RuntimeError, match="the state must be float32 CPU tensors"):
+            decode_blocks(x, stack, state.att_shift.bfloat16(), state.ffn_shift, state.wkv, slots(model, state))
+
+
 def adapted(kind: str, gate: str = "temporal", precision: str = "float32", seed: int = 1):
     """A model with adapters on every linear layer of its blocks, their B random so that the updates matter."""
     model = attach_adapters(tiny_model(vocab=VOCAB, n_embd=24, seed=seed), kind=kind, r=4, gate=gate).eval()
