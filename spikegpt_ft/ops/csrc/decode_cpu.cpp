@@ -18,6 +18,8 @@
 #include <string>
 #include <vector>
 
+#include "cpu_floats.h"
+
 // The loops below must round as the ATen ops they stand for: no FMA contraction or other fast-math rewriting
 // (the extension is built with -ffast-math; see lif_cpu.cpp).
 #pragma GCC optimize("no-fast-math", "fp-contract=off")
@@ -56,6 +58,9 @@ constexpr int64_t kNeurons = kProducts + 2;
 constexpr int64_t kLifSettings = 6;
 
 using Tensors = std::vector<std::optional<torch::Tensor>>;
+using cpu_floats::contiguous;
+using cpu_floats::floats_of;
+using cpu_floats::write_floats;
 
 // The elementwise steps between the products are written as loops over raw arrays, not ATen ops: at batch 1
 // each ATen op costs microseconds of dispatch and allocation, several times the arithmetic of a 768-wide row,
@@ -64,20 +69,6 @@ using Tensors = std::vector<std::optional<torch::Tensor>>;
 // nearest even the other, as ATen rounds), a sum or product of two values rounded once to the dtype, max(0, x),
 // and the WKV and LIF kernels' own loops (wkv_step_cpu, lif_step_cpu). LayerNorm, the token-shift mix
 // (addcmul), exp and sigmoid stay ATen's, as the modules compute them.
-
-// The float32 values of a tensor, row-major (bfloat16 widened here; another dtype than float32 by ATen).
-std::vector<float> floats_of(const torch::Tensor& t) {
-  const auto c = t.is_contiguous() ? t : t.contiguous();
-  std::vector<float> out(c.numel());
-  if (c.scalar_type() == torch::kBFloat16) {
-    const auto* src = c.data_ptr<at::BFloat16>();
-    for (size_t i = 0; i < out.size(); ++i) out[i] = static_cast<float>(src[i]);
-  } else {
-    const auto f = c.scalar_type() == torch::kFloat32 ? c : c.to(torch::kFloat32);
-    std::copy_n(f.data_ptr<float>(), out.size(), out.data());
-  }
-  return out;
-}
 
 // fn(i) for every element i, written into a new tensor of `dtype` (float32 or bfloat16) and `sizes`.
 template <typename F>
@@ -104,7 +95,7 @@ std::vector<float> fire(const torch::Tensor& input, const std::optional<torch::T
   const float* start;
   torch::Tensor carried;
   if (v0) {
-    carried = v0->contiguous();
+    carried = contiguous(*v0);
     start = carried.data_ptr<float>();
   } else {
     rest.assign(n, static_cast<float>(settings[2]));
@@ -233,7 +224,7 @@ std::vector<torch::Tensor> decode_blocks_cpu(torch::Tensor x, Tensors tensors, s
   auto att_next = into.empty() ? torch::empty(att_shift.sizes(), att_shift.options()) : into[0];
   auto ffn_next = into.empty() ? torch::empty(ffn_shift.sizes(), ffn_shift.options()) : into[1];
   auto wkv_next = into.empty() ? torch::empty(wkv.sizes(), wkv.options()) : into[2];
-  const auto att_in = att_shift.contiguous(), ffn_in = ffn_shift.contiguous(), wkv_in = wkv.contiguous();
+  const auto att_in = contiguous(att_shift), ffn_in = contiguous(ffn_shift), wkv_in = contiguous(wkv);
   std::vector<torch::Tensor> next_membranes(L * kNeurons), gated(record ? L * kProducts : 0);
   Step step{tensors, kernels, gates, scalars, membranes, next_membranes, gated, record};
   const std::vector<int64_t> normalized{C}, rows{B, C};
@@ -244,8 +235,7 @@ std::vector<torch::Tensor> decode_blocks_cpu(torch::Tensor x, Tensors tensors, s
     return tensor_from(rows, dtype, [&](int64_t j) { return p[j]; });
   };
   const auto keep = [&](torch::Tensor& next, int64_t i, const torch::Tensor& y) {
-    const auto ys = floats_of(y);
-    std::copy_n(ys.data(), row, next.data_ptr<float>() + i * row);
+    write_floats(y, next.data_ptr<float>() + i * row);
   };
   for (int64_t i = 0; i < L; ++i) {
     step.block = i;

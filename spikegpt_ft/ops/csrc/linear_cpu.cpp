@@ -36,6 +36,8 @@
 #include <type_traits>
 #include <vector>
 
+#include "cpu_floats.h"
+
 #if defined(__x86_64__) && defined(__GNUC__)
 #include <immintrin.h>
 #define HAVE_X86_KERNELS 1
@@ -44,6 +46,9 @@
 #endif
 
 namespace {
+
+using cpu_floats::contiguous;
+using cpu_floats::floats_of;
 
 // Weights per thread below which a second thread costs more than it saves.
 constexpr int64_t kMinWeightsPerThread = 1 << 16;
@@ -268,28 +273,12 @@ void check_inputs(const torch::Tensor& x, const torch::Tensor& weight, const std
   TORCH_CHECK(!bias || bias->numel() == weight.size(0), "stream_linear: the bias must have one value per output");
 }
 
-// The conversions of every product's small operands to float32 are written here rather than left to ATen: at
-// batch 1 a conversion op costs a few microseconds of dispatch on a slow CPU, more than its copy, for each of
-// the step's 127 products. On the EPYC of the comment at the top, torch.profiler counted 472 conversions
+// The conversions of every product's small operands to float32 are loops (cpu_floats.h, float_rows) rather
+// than ATen ops, for each of the step's 127 products. On the EPYC of the comment at the top, torch.profiler counted 472 conversions
 // (aten::_to_copy) per token in the int8 216M step with ATen's, 218 with these, as many as in the bf16 step.
 
-// `t` itself where it is contiguous (is_contiguous reads a flag; contiguous() is a dispatched op).
-torch::Tensor contiguous(const torch::Tensor& t) { return t.is_contiguous() ? t : t.contiguous(); }
-
 // A scale or bias as float32 values (none for none).
-std::vector<float> as_floats(const std::optional<torch::Tensor>& t) {
-  if (!t) return {};
-  const auto tc = contiguous(*t);
-  std::vector<float> out(tc.numel());
-  if (tc.scalar_type() == torch::kBFloat16) {
-    const auto* src = tc.data_ptr<at::BFloat16>();
-    for (size_t i = 0; i < out.size(); ++i) out[i] = static_cast<float>(src[i]);
-  } else {
-    const auto f = tc.to(torch::kFloat32);
-    std::copy_n(f.data_ptr<float>(), out.size(), out.data());
-  }
-  return out;
-}
+std::vector<float> as_floats(const std::optional<torch::Tensor>& t) { return t ? floats_of(*t) : std::vector<float>{}; }
 
 // x as float32 [M, K], row-major: x's own memory where it is float32 and needs no reordering, else a copy
 // (a vector, not a tensor: an allocation without a dispatched op).
