@@ -153,9 +153,9 @@ void lif_step_cpu(const float* x, const float* v0, float* spikes, float* v_last,
                   double v_threshold, double v_reset) {
   const Neuron p = neuron(tau, v_threshold, v_reset);
   std::vector<float> h(n);  // the charge, which only the backward needs
-  for (int64_t c0 = 0; c0 < n; c0 += kBlock) {
-    forward_block(x, v0, spikes, v_last, h.data(), 1, n, c0, std::min(kBlock, n - c0), p);
-  }
+  over_channel_blocks(1, n, [&](int64_t c0, int64_t count) {
+    forward_block(x, v0, spikes, v_last, h.data(), 1, n, c0, count, p);
+  });
 }
 
 std::vector<torch::Tensor> lif_backward_cpu(torch::Tensor grad_spikes, torch::Tensor grad_v_last, torch::Tensor h,

@@ -221,6 +221,17 @@ S* offset(S* p, int64_t n) {
   return p != nullptr ? p + n : nullptr;
 }
 
+// Every sequence in one chunk (the whole of its T tokens): [B, T, C] arrays, the states [B, 3, C].
+template <bool kGated, typename S>
+void forward_whole(const S* w, const S* u, const S* k, const S* v, const S* r, const S* state_in, S* y, S* log_den,
+                   S* out, S* state_out, int64_t B, int64_t T, int64_t C) {
+  parallel_over(B, C, 1, T, [&](const Work& at) {
+    const int64_t seq = at.b * T * C, st = at.b * 3 * C;
+    forward_chunk<kGated>(w, u, k + seq, v + seq, offset(r, seq), state_in + st, y + seq, log_den + seq,
+                          offset(out, seq), state_out + st, C, at, 0, T);
+  });
+}
+
 }  // namespace
 
 // Returns (y, log_den, state_out, out): out is the gated output sigmoid(r) y, or y itself without r.
@@ -242,11 +253,7 @@ std::vector<torch::Tensor> wkv_forward_cpu(torch::Tensor w, torch::Tensor u, tor
     const scalar_t* r_ = data_or_null<scalar_t>(r);
     scalar_t* out_ = r ? out.data_ptr<scalar_t>() : nullptr;
     if (chunks.count == 1) {
-      parallel_over(B, C, 1, T, [&](const Work& at) {
-        const int64_t seq = at.b * T * C, st = at.b * 3 * C;
-        forward_chunk<kGated>(w_, u_, k_ + seq, v_ + seq, offset(r_, seq), s_in + st, y_ + seq, ld_ + seq,
-                              offset(out_, seq), s_out + st, C, at, 0, T);
-      });
+      forward_whole<kGated>(w_, u_, k_, v_, r_, s_in, y_, ld_, out_, s_out, B, T, C);
       return;
     }
     scalar_t* ent = entering.data_ptr<scalar_t>();
@@ -292,11 +299,7 @@ std::vector<torch::Tensor> wkv_forward_cpu(torch::Tensor w, torch::Tensor u, tor
 void wkv_step_cpu(const float* w, const float* u, const float* k, const float* v, const float* r,
                   const float* state_in, float* state_out, float* out, int64_t B, int64_t C) {
   std::vector<float> y(B * C), log_den(B * C);  // what only the backward needs
-  parallel_over(B, C, 1, 1, [&](const Work& at) {
-    const int64_t seq = at.b * C, st = at.b * 3 * C;
-    forward_chunk<true>(w, u, k + seq, v + seq, r + seq, state_in + st, y.data() + seq, log_den.data() + seq,
-                        out + seq, state_out + st, C, at, 0, 1);
-  });
+  forward_whole<true>(w, u, k, v, r, state_in, y.data(), log_den.data(), out, state_out, B, 1, C);
 }
 
 // gout: the gradient of forward's `out`. Returns (gw, gu, gk, gv, gr); gr is empty without r.
