@@ -110,17 +110,22 @@ def test_neurons_at_rest_start_from_v_reset():
     assert all(torch.equal(a, b) for a, b in zip(carried(out[4]), expected_state.membranes.values(), strict=True))
 
 
+def one_step_in(precision: str):
+    """A model of ``precision``, its state after one token of two sequences, its stack's operands and the
+    embedding of the next two tokens: the inputs of a direct :func:`decode_blocks` call."""
+    model = model_in(precision)
+    dtype = model.emb.weight.dtype
+    _, state = model.step(torch.tensor([4, 5]), model.init_state(2))
+    stack = stack_operands([block_operands(b, dtype, 2) for b in model.blocks])
+    return model, state, stack, model.binarize(model.emb(torch.tensor([6, 7])))
+
+
 def test_the_inputs_of_decode_blocks_are_left_as_they_were():
-    model = model_in("float32")
     with torch.no_grad():
-        _, state = model.step(torch.tensor([4, 5]), model.init_state(2))
+        model, state, stack, x = one_step_in("float32")
         before = {k: v.clone() for k, v in state.membranes.items()}
         shifts = state.att_shift.clone(), state.ffn_shift.clone(), state.wkv.clone()
-        operands = [block_operands(b, torch.float32, 2) for b in model.blocks]
-        x = model.binarize(model.emb(torch.tensor([6, 7])))
-        out = decode_blocks(
-            x, stack_operands(operands), state.att_shift, state.ffn_shift, state.wkv, slots(model, state)
-        )
+        out = decode_blocks(x, stack, state.att_shift, state.ffn_shift, state.wkv, slots(model, state))
     assert len(out[4]) == 9 * len(model.blocks) and len(carried(out[4])) == 2 * len(model.blocks) and out[5] == []
     expected, expected_state = model.step(torch.tensor([6, 7]), state)
     assert torch.equal(model.head(model.ln_out(out[0])), expected)
@@ -130,11 +135,8 @@ def test_the_inputs_of_decode_blocks_are_left_as_they_were():
 
 
 def test_decode_blocks_writes_the_next_state_into_given_tensors_and_refuses_overlapping_ones():
-    model = model_in("float32")
     with torch.no_grad():
-        _, state = model.step(torch.tensor([4, 5]), model.init_state(2))
-        stack = stack_operands([block_operands(b, torch.float32, 2) for b in model.blocks])
-        x = model.binarize(model.emb(torch.tensor([6, 7])))
+        model, state, stack, x = one_step_in("float32")
         inputs = (x, stack, state.att_shift, state.ffn_shift, state.wkv, slots(model, state))
         fresh = decode_blocks(*inputs)
         into = tuple(torch.full_like(t, float("nan")) for t in (state.att_shift, state.ffn_shift, state.wkv))
@@ -153,11 +155,8 @@ def test_decode_blocks_writes_the_next_state_into_given_tensors_and_refuses_over
 
 def test_decode_blocks_reads_a_strided_state_as_its_values_and_refuses_one_not_in_float32():
     """The kernel reads the state through raw pointers: a state laid out otherwise must give the same result."""
-    model = model_in("bfloat16")
     with torch.no_grad():
-        _, state = model.step(torch.tensor([4, 5]), model.init_state(2))
-        stack = stack_operands([block_operands(b, torch.bfloat16, 2) for b in model.blocks])
-        x = model.binarize(model.emb(torch.tensor([6, 7])))
+        model, state, stack, x = one_step_in("bfloat16")
 
         def strided(t: torch.Tensor) -> torch.Tensor:  # the same values, the last two dimensions swapped in memory
             return torch.empty(t.shape[0], *t.shape[:0:-1], dtype=t.dtype).transpose(1, -1).copy_(t)
