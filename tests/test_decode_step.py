@@ -52,10 +52,8 @@ def assert_identical_states(got, expected):
         assert torch.equal(got.membranes[name], membrane), name
 
 
-@pytest.mark.parametrize("precision", ["float32", "bfloat16", "int8"])
-@pytest.mark.parametrize("batch", [1, 2, 3, 64])
-def test_compiled_step_is_bitwise_model_step(precision, batch):
-    model = model_in(precision, n_embd=24 if batch != 3 else 13)  # 13: no multiple of any vector width
+def assert_compiled_steps_are_model_steps(model, batch: int) -> None:
+    """STEPS tokens through the stepper (compiled) and through model.step: the same logits and states, bitwise."""
     rows = tokens(batch, seed=batch)
     with torch.no_grad():
         stepper = GraphedStepper(model, batch)
@@ -70,6 +68,25 @@ def test_compiled_step_is_bitwise_model_step(precision, batch):
             fired += sum(int(v.eq(0).sum()) for v in state.membranes.values())  # reset after a spike
         assert_identical_states(stepper.state(), state)
     assert fired > 0  # the neurons spiked: the LIF path was exercised, not only the linear layers
+
+
+@pytest.mark.parametrize("precision", ["float32", "bfloat16", "int8"])
+@pytest.mark.parametrize("batch", [1, 2, 3, 64])
+def test_compiled_step_is_bitwise_model_step(precision, batch):
+    assert_compiled_steps_are_model_steps(model_in(precision, n_embd=24 if batch != 3 else 13), batch)  # 13: odd
+
+
+@pytest.mark.parametrize("precision", ["float32", "bfloat16"])
+def test_the_elementwise_passes_split_over_threads_give_model_steps_results(precision):
+    """63 sequences of width 521: each elementwise pass of the step (63 x 521 or 63 x 2084 values) is more than
+    one thread's share (kMinElementsPerThread in decode_cpu.cpp), so two threads split it, at an element that is
+    no multiple of a vector's width."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        assert_compiled_steps_are_model_steps(model_in(precision, n_embd=521, n_layer=2), 63)
+    finally:
+        torch.set_num_threads(threads)
 
 
 #: The product of many bfloat16 rows: (bfloat16 matrix units, AMX usable) -> the compiled step's kernel.

@@ -30,6 +30,7 @@
 #include <vector>
 
 #include "cpu_clones.h"
+#include "cpu_floats.h"
 
 #pragma GCC optimize("no-fast-math", "fp-contract=off", "no-trapping-math")
 
@@ -152,7 +153,7 @@ std::vector<torch::Tensor> lif_forward_cpu(torch::Tensor x, torch::Tensor v0, do
 void lif_step_cpu(const float* x, const float* v0, float* spikes, float* v_last, int64_t n, double tau,
                   double v_threshold, double v_reset) {
   const Neuron p = neuron(tau, v_threshold, v_reset);
-  std::vector<float> h(n);  // the charge, which only the backward needs
+  cpu_floats::Floats h(n);  // the charge, which only the backward needs
   over_channel_blocks(1, n, [&](int64_t c0, int64_t count) {
     forward_block(x, v0, spikes, v_last, h.data(), 1, n, c0, count, p);
   });

@@ -278,7 +278,7 @@ void check_inputs(const torch::Tensor& x, const torch::Tensor& weight, const std
 // (aten::_to_copy) per token in the int8 216M step with ATen's, 218 with these, as many as in the bf16 step.
 
 // A scale or bias as float32 values (none for none).
-std::vector<float> as_floats(const std::optional<torch::Tensor>& t) { return t ? floats_of(*t) : std::vector<float>{}; }
+cpu_floats::Floats as_floats(const std::optional<torch::Tensor>& t) { return t ? floats_of(*t) : cpu_floats::Floats{}; }
 
 // x as float32 [M, K], row-major: x's own memory where it is float32 and needs no reordering, else a copy
 // (a vector, not a tensor: an allocation without a dispatched op).

@@ -24,6 +24,7 @@
 #include <vector>
 
 #include "cpu_clones.h"
+#include "cpu_floats.h"
 #include "wkv_core.h"
 
 namespace {
@@ -298,7 +299,7 @@ std::vector<torch::Tensor> wkv_forward_cpu(torch::Tensor w, torch::Tensor u, tor
 // same loop, so the results are bitwise those of wkv_forward_cpu.
 void wkv_step_cpu(const float* w, const float* u, const float* k, const float* v, const float* r,
                   const float* state_in, float* state_out, float* out, int64_t B, int64_t C) {
-  std::vector<float> y(B * C), log_den(B * C);  // what only the backward needs
+  cpu_floats::Floats y(B * C), log_den(B * C);  // what only the backward needs
   forward_whole<true>(w, u, k, v, r, state_in, y.data(), log_den.data(), out, state_out, B, 1, C);
 }
 
