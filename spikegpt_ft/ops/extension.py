@@ -22,7 +22,9 @@ log = logging.getLogger(__name__)
 KERNEL_DIR = Path(__file__).resolve().parent / "csrc"
 
 #: The C++ sources of every build, bindings first.
-CPU_SOURCES = ("ops.cpp", "wkv_cpu.cpp", "lif_cpu.cpp", "linear_cpu.cpp", "amx_linear.cpp", "decode_cpu.cpp")
+CPU_SOURCES = (
+    "ops.cpp", "wkv_cpu.cpp", "lif_cpu.cpp", "linear_cpu.cpp", "amx_linear.cpp", "decode_cpu.cpp", "memory_cpu.cpp",
+)  # fmt: skip
 #: The CUDA sources added when a GPU build is possible.
 CUDA_SOURCES = ("wkv_cuda.cu",)
 

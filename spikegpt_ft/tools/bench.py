@@ -40,7 +40,7 @@ from torch import nn
 
 from ..inference import WEIGHT_PRECISIONS, GraphedStepper, cast_weights
 from ..model import SpikeGPT, SpikeGPTConfig, init_random_spiking, make_lif
-from ..ops import Int8Linear, fresh_state, wkv
+from ..ops import Int8Linear, extension, fresh_state, wkv
 from ..ops.linear import product_kernel
 from ..system import cpu_flags, device_name, peak_memory_mb
 
@@ -157,19 +157,27 @@ def linear_weights(model: nn.Module) -> list[torch.Tensor]:
 
 
 def time_weight_read(model: nn.Module, device: torch.device, warmup: int, repeats: int) -> dict:
-    """Seconds to read every linear weight of ``model`` once, and their bytes.
+    """Seconds to read every linear weight of ``model`` once, and their bytes: the limit of a decoding step.
 
-    Each tensor's bytes are read as 64-bit words by a ``max`` (a pure read, whatever the dtype: an int8
-    ``sum`` widens every element and runs far below the memory's speed); a tensor whose size is not a whole
-    number of words is summed. The median of ``repeats`` timed reads after ``warmup`` untimed ones.
+    On the CPU the bytes are read by the kernels' own pure read (``read_bytes``, ``csrc/memory_cpu.cpp``): one
+    sequential stream per thread at the memory's speed, where ATen's reductions, which would stand in for a read,
+    run well below it (a 64-bit-word ``max`` took 1.5 x as long on the Intel Xeon of BENCHMARKS.md). On a GPU,
+    a ``max`` of each tensor's 64-bit words (a ``sum`` where they are not whole words). The median of ``repeats``
+    timed reads after ``warmup`` untimed ones.
     """
-    weights = [w.reshape(-1) for w in linear_weights(model)]
-    words = [w.view(torch.int64) if w.numel() * w.element_size() % 8 == 0 else None for w in weights]
+    weights = [w.detach().reshape(-1) for w in linear_weights(model)]
+    if device.type == "cpu":
 
-    def read():
-        with torch.inference_mode():
-            for w, as_words in zip(weights, words, strict=True):
-                w.sum() if as_words is None else as_words.max()
+        def read():
+            extension().read_bytes(weights)
+
+    else:
+        words = [w.view(torch.int64) if w.numel() * w.element_size() % 8 == 0 else None for w in weights]
+
+        def read():
+            with torch.inference_mode():
+                for w, as_words in zip(weights, words, strict=True):
+                    w.sum() if as_words is None else as_words.max()
 
     samples = time_fn(read, device, warmup, repeats)
     nbytes = sum(w.numel() * w.element_size() for w in weights)

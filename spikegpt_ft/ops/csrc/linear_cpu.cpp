@@ -8,18 +8,25 @@
 // `stream_linear`: each weight is read from memory once and multiplied with up to four rows of x from
 // registers, in float32 accumulators; with more rows, a block of weight rows read once serves every group of
 // four rows from the cache. An AVX-512 version (16 lanes: half the instructions per weight of AVX2, which is what
-// limits int8 weights and four rows; several weight rows at a time, so that independent sums hide the FMA
-// latency), an AVX2+FMA one and a portable one; the best the CPU runs is chosen at run time, and
-// `spikegpt_ft.ops.linear` chooses where the streaming kernel runs at all.
+// limits int8 weights and four rows), an AVX2+FMA one and a portable one; the best the CPU runs is chosen at run
+// time, and `spikegpt_ft.ops.linear` chooses where the streaming kernel runs at all.
 //
-// The AVX2 kernel reads one weight row at a time, so that the weights arrive as one sequential stream with a
-// software prefetch ahead of it, and keeps two sums per output (the halves of each 16-wide block of the
-// reduction) for independent FMAs; bfloat16 weights are widened two instructions per 16 (the even elements by
-// a shift, the odd ones by a mask), against x laid out the same way once per call. On an AMD EPYC with AVX2
-// (2 cores) this took the products of one row from 1.53 - 1.67 x to 0.99 - 1.00 x the time of reading the
-// weights in bf16 and from 2.35 - 2.37 x to 1.49 - 1.62 x in int8; at 64 rows, where the products are
-// compute-bound, bf16 became 7 - 9 % slower and int8 stayed the same (BENCHMARKS.md: the kernel before and
-// after called directly, side by side, in two runs).
+// Where the weights come from memory (up to four rows of x), both vector kernels read one weight row at a time,
+// so that the weights arrive as one sequential stream, with a software prefetch 2 KiB ahead of it. Where they
+// come from the cache (more rows), the AVX-512 kernel takes 4 to 8 weight rows at a time, so that they share each
+// vector of x. bfloat16 weights are widened by a shift (the even elements) and a mask (the odd ones), against x
+// laid out the same way once per call.
+// - The AVX2 kernel (16 weights a step, two sums per output): on an AMD EPYC with AVX2 (2 cores) one row went
+//   from 1.53 - 1.67 x to 0.99 - 1.00 x the time of a 64-bit-word `max` over the weights in bf16 and from 2.35 -
+//   2.37 x to 1.49 - 1.62 x in int8, against several rows at a time; at 64 rows, where the products are
+//   compute-bound, bf16 became 7 - 9 % slower and int8 stayed the same. 1 KiB and 2 - 8 KiB of prefetch ran alike
+//   there.
+// - The AVX-512 kernel (a cache line a step, one sum per output): on an Intel Xeon with AVX-512 (2 cores) one row
+//   went from 1.39 - 1.42 x to 1.14 - 1.16 x the time of reading the weights (the bench's read, memory_cpu.cpp) in
+//   bf16 and from 1.88 - 1.92 x to 1.57 - 1.59 x in int8, against 8 rows at a time, a 16-weight step and 1 KiB of
+//   prefetch; at 64 rows it runs as before (scratch comparisons of the products alone, BENCHMARKS.md). Two or
+//   four sums per output were no faster at one row and 1.2 - 1.6 x slower at 64 rows, where they leave fewer
+//   registers for the rows sharing x.
 //
 // Arithmetic: weights and inputs widened to float32 exactly, products summed in float32 (the same order for
 // an output whatever the number of rows), int8 sums times the row's scale, the bias (float32 of its stored
@@ -55,7 +62,7 @@ constexpr int64_t kMinWeightsPerThread = 1 << 16;
 // Rows of x the streaming kernel multiplies at once (their accumulators live in registers).
 constexpr int64_t kMaxStreamRows = 4;
 // Bytes ahead of the weights being read that the vector kernels ask the cache for.
-constexpr int64_t kPrefetchAhead = 1024;
+constexpr int64_t kPrefetchAhead = 2048;
 // Weights per block that the rows of x share from the cache (256 KiB of bfloat16).
 constexpr int64_t kStreamBlockWeights = 1 << 17;
 
@@ -67,11 +74,11 @@ inline float widen(uint16_t bf16) {
 }
 inline float widen(int8_t q) { return static_cast<float>(q); }
 
-// What every streaming kernel needs: x float32 [M, K] (for the AVX2 kernel with bfloat16 weights, each
-// 16-wide block of the reduction as its 8 even then its 8 odd elements: `float_rows`), the weight's
-// raw elements [N, K], the per-row scale (int8) or null, the bias float32 or null, out [M, N] of type Out;
-// rows [n0, n1) of the weight. `from_memory`: whether this pass over the weights is their only one (then
-// they come from memory and the AVX2 kernel prefetches them; otherwise from the cache, where it would not help).
+// What every streaming kernel needs: x float32 [M, K] (for the vector kernels with bfloat16 weights, each 16-
+// (AVX2) or 32-wide (AVX-512) block of the reduction as its even then its odd elements: `float_rows`), the
+// weight's raw elements [N, K], the per-row scale (int8) or null, the bias float32 or null, out [M, N] of type
+// Out; rows [n0, n1) of the weight. `from_memory`: whether this pass over the weights is their only one (then
+// they come from memory and the vector kernels prefetch them; otherwise from the cache, where it would not help).
 template <typename W, typename Out>
 struct StreamArgs {
   const float* x;
@@ -171,30 +178,41 @@ struct Avx2 {
   static void rows(const StreamArgs<W, Out>& a, int64_t n) { stream_rows_avx2<M, R>(a, n); }
 };
 
-// Sixteen weights as float32.
-AVX512_TARGET inline __m512 load16(const uint16_t* p) {
-  const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16));
+// Vector v (of 16 weights, as float32) of the cache line at p, in the order x is laid out for it: bfloat16 (32
+// weights a line) its even (v = 0) or odd (v = 1) elements, the upper halves of 32-bit words, by a shift or a
+// mask (x's 32-wide blocks deinterleaved by float_rows); int8 (64 a line) its quarter v.
+AVX512_TARGET inline __m512 line_vector(const uint16_t* p, int v) {
+  const __m512i raw = _mm512_loadu_si512(p);
+  return _mm512_castsi512_ps(v == 0 ? _mm512_slli_epi32(raw, 16)
+                                    : _mm512_and_si512(raw, _mm512_set1_epi32(static_cast<int>(0xffff0000u))));
 }
-AVX512_TARGET inline __m512 load16(const int8_t* p) {
-  const __m128i raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
-  return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(raw));
+AVX512_TARGET inline __m512 line_vector(const int8_t* p, int v) {
+  return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p + 16 * v))));
 }
 
-// As stream_rows_avx2 with 16 lanes.
+// R weight rows from n by M rows of x, a cache line of weights at a time: one sum per output, the line's vectors
+// added to it in order (the same order for an output whatever R and M).
 template <int M, int R, typename W, typename Out>
 AVX512_TARGET void stream_rows_avx512(const StreamArgs<W, Out>& a, int64_t n) {
-  const int64_t K = a.K, body = K - K % 16;
+  constexpr int kVectors = 64 / sizeof(W) / 16;
+  constexpr int64_t kLine = 64 / sizeof(W);  // weights per cache line
+  const int64_t K = a.K, body = K - K % kLine;
   __m512 acc[R][M];
   for (int r = 0; r < R; ++r)
     for (int m = 0; m < M; ++m) acc[r][m] = _mm512_setzero_ps();
-  for (int64_t k = 0; k < body; k += 16) {
-    __m512 xs[M];
-    for (int m = 0; m < M; ++m) xs[m] = _mm512_loadu_ps(a.x + m * K + k);
-    for (int r = 0; r < R; ++r) {
-      _mm_prefetch(reinterpret_cast<const char*>(a.w + (n + r) * K + k + kPrefetchAhead / sizeof(W)), _MM_HINT_T0);
-      const __m512 wv = load16(a.w + (n + r) * K + k);
-      for (int m = 0; m < M; ++m) acc[r][m] = _mm512_fmadd_ps(wv, xs[m], acc[r][m]);
+  for (int64_t k = 0; k < body; k += kLine) {
+    if (a.from_memory) {
+      for (int r = 0; r < R; ++r) {
+        _mm_prefetch(reinterpret_cast<const char*>(a.w + (n + r) * K + k) + kPrefetchAhead, _MM_HINT_T0);
+      }
+    }
+    for (int v = 0; v < kVectors; ++v) {
+      __m512 xs[M];
+      for (int m = 0; m < M; ++m) xs[m] = _mm512_loadu_ps(a.x + m * K + k + 16 * v);
+      for (int r = 0; r < R; ++r) {
+        const __m512 wv = line_vector(a.w + (n + r) * K + k, v);
+        for (int m = 0; m < M; ++m) acc[r][m] = _mm512_fmadd_ps(wv, xs[m], acc[r][m]);
+      }
     }
   }
   for (int r = 0; r < R; ++r) {
@@ -207,7 +225,8 @@ AVX512_TARGET void stream_rows_avx512(const StreamArgs<W, Out>& a, int64_t n) {
   }
 }
 
-// The AVX-512 kernel: 8 to 16 accumulators of the 32 registers, 8 independent sums for one row.
+// The AVX-512 kernel: 4 to 8 weight rows at a time where they come from the cache, so that 8 to 16 sums share
+// each vector of x.
 struct Avx512 {
   template <int M>
   static constexpr int kWeightRows = M == 1 ? 8 : 4;
@@ -215,14 +234,19 @@ struct Avx512 {
   static void rows(const StreamArgs<W, Out>& a, int64_t n) { stream_rows_avx512<M, R>(a, n); }
 };
 
-// Weight rows [n0, n1) by a.M <= 4 rows of x with one vector kernel: Isa::kWeightRows weight rows at a time,
-// then one by one. The row kernels carry their instruction set's target attribute (a shared template could
-// only carry both, and then emit AVX-512 into the AVX2 kernel), so they stay apart; this loop is common.
+// Weight rows [n0, n1) by a.M <= 4 rows of x with one vector kernel. Where the weights come from memory, one
+// weight row after the other, so that they arrive as one sequential stream with the software prefetch ahead of it
+// (several rows at a time are several streams, which read slower); where they come from the cache,
+// Isa::kWeightRows rows at a time, then one by one. A row's sums are the same either way. The row kernels carry
+// their instruction set's target attribute (a shared template could only carry both, and then emit AVX-512 into
+// the AVX2 kernel), so they stay apart; this loop is common.
 template <typename Isa, int M, typename W, typename Out>
 void stream_vector_m(const StreamArgs<W, Out>& a, int64_t n0, int64_t n1) {
   constexpr int R = Isa::template kWeightRows<M>;
   int64_t n = n0;
-  for (; n + R <= n1; n += R) Isa::template rows<M, R>(a, n);
+  if (!a.from_memory) {
+    for (; n + R <= n1; n += R) Isa::template rows<M, R>(a, n);
+  }
   for (; n < n1; ++n) Isa::template rows<M, 1>(a, n);
 }
 
@@ -288,23 +312,29 @@ struct FloatRows {
   const float* data;
 };
 
-// With `deinterleave` each whole 16-wide block of the reduction as its 8 even then its 8 odd elements, the
-// rest as it is (the order in which the AVX2 kernel widens bfloat16 weights).
-FloatRows float_rows(const torch::Tensor& x, bool deinterleave) {
+// With a `deinterleave` width B (0: none), each whole B-wide block of the reduction as its B/2 even then its B/2
+// odd elements, the rest as it is (the order in which the vector kernels widen bfloat16 weights: B = 16 for AVX2,
+// 32 for AVX-512).
+FloatRows float_rows(const torch::Tensor& x, int64_t deinterleave) {
   FloatRows rows{contiguous(x), {}, nullptr};
   const auto& xc = rows.source;
-  if (!deinterleave && xc.scalar_type() == torch::kFloat32) {
+  if (deinterleave == 0 && xc.scalar_type() == torch::kFloat32) {
     rows.data = xc.data_ptr<float>();
     return rows;
   }
-  const int64_t M = xc.size(0), K = xc.size(1), body = deinterleave ? K - K % 16 : 0;
+  const int64_t M = xc.size(0), K = xc.size(1), B = deinterleave, body = B > 0 ? K - K % B : 0;
   rows.copy.resize(M * K);
   float* dst = rows.copy.data();
   const auto convert = [&](const auto* src) {
     for (int64_t m = 0; m < M; ++m) {
       const auto* row = src + m * K;
       float* to = dst + m * K;
-      for (int64_t k = 0; k < body; ++k) to[k - k % 16 + k % 2 * 8 + k % 16 / 2] = static_cast<float>(row[k]);
+      for (int64_t b = 0; b < body; b += B) {
+        for (int64_t j = 0; j < B / 2; ++j) {
+          to[b + j] = static_cast<float>(row[b + 2 * j]);
+          to[b + B / 2 + j] = static_cast<float>(row[b + 2 * j + 1]);
+        }
+      }
       for (int64_t k = body; k < K; ++k) to[k] = static_cast<float>(row[k]);
     }
   };
@@ -353,7 +383,12 @@ void stream_dispatch(const torch::Tensor& x, const torch::Tensor& w, const float
                      torch::Tensor& out, Kernel kernel) {
   const int64_t M = x.size(0), K = x.size(1), N = w.size(0);
   const W* w_ = reinterpret_cast<const W*>(w.data_ptr());
-  const auto xf = float_rows(x, kernel == Kernel::kAvx2 && std::is_same_v<W, uint16_t>);
+  // the width of the vector kernels' bfloat16 blocks (widen16, line_vector); int8 and the portable kernel: none
+  const int64_t block = !std::is_same_v<W, uint16_t>  ? 0
+                        : kernel == Kernel::kAvx2     ? 16
+                        : kernel == Kernel::kAvx512   ? 32
+                                                      : 0;
+  const auto xf = float_rows(x, block);
   const bool from_memory = M <= kMaxStreamRows;  // one group of rows: one pass over the weights
   if (out.scalar_type() == torch::kFloat32) {
     run_stream(StreamArgs<W, float>{xf.data, w_, s, b, out.data_ptr<float>(), M, N, K, from_memory}, kernel);

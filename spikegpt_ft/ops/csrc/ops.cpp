@@ -29,6 +29,8 @@ torch::Tensor stream_linear_cpu(torch::Tensor x, torch::Tensor weight, std::opti
 bool amx_usable_cpu();
 torch::Tensor amx_pack_weight_cpu(torch::Tensor weight);
 torch::Tensor amx_linear_cpu(torch::Tensor x, torch::Tensor packed, int64_t N, std::optional<torch::Tensor> bias);
+// A pass that only reads memory, the limit of CPU decoding (memory_cpu.cpp).
+int64_t read_bytes_cpu(std::vector<torch::Tensor> tensors);
 // One recurrent step through a stack of blocks (decode_cpu.cpp).
 std::vector<torch::Tensor> decode_blocks_cpu(torch::Tensor x, std::vector<std::optional<torch::Tensor>> tensors,
                                              std::vector<int64_t> kernels, std::vector<int64_t> gates,
@@ -156,6 +158,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "a bf16 weight[N,K] laid out for amx_linear: [ceil(N/32), ceil(K/32), 2, 16, 16, 2], zero-padded");
   m.def("amx_linear", &amx_linear_cpu,
         "linear on AMX tiles (cpu): (x[M,K] bf16, amx_pack_weight(weight), N, bias[N] or None) -> y[M,N] bf16");
+  m.def("read_bytes", &read_bytes_cpu,
+        "the bitwise OR of every byte of the tensors (contiguous, cpu), each byte read once by the threads: "
+        "a pass over memory that does nothing else");
   m.def("decode_blocks", &decode_blocks_cpu,
         "one token through a stack of SpikeGPT blocks (cpu): (x[B,C], tensors, product kernels, gates, product scalars, "
         "att_shift[L,B,C], ffn_shift[L,B,C], wkv[L,B,3,C], membranes, lif settings, eps, record, into: [] or the "
