@@ -17,8 +17,8 @@ FFN 3072); ``--layers/--embd/--vocab`` shrink it.
 
 Decoding one token reads every linear weight of the model once, so a recurrent step is bounded below by
 the time the machine takes to read them. Beside each ``recurrent`` row the time to read all the model's
-linear weights once (each weight's bytes read as 64-bit words by a ``max``, timed as the steps are) and the ratio
-``step time / read time`` are reported: the ratio compares across machines where the milliseconds do not.
+linear weights once (on the CPU by the kernels' own pure read, ``read_bytes``; timed as the steps are) and the
+ratio ``step time / read time`` are reported: the ratio compares across machines where the milliseconds do not.
 """
 
 from __future__ import annotations

@@ -22,7 +22,7 @@
 //   compute-bound, bf16 became 7 - 9 % slower and int8 stayed the same. 1 KiB and 2 - 8 KiB of prefetch ran alike
 //   there.
 // - The AVX-512 kernel (a cache line a step, one sum per output): on an Intel Xeon with AVX-512 (2 cores) one row
-//   went from 1.39 - 1.42 x to 1.14 - 1.16 x the time of reading the weights (the bench's read, memory_cpu.cpp) in
+//   went from 1.39 - 1.40 x to 1.14 - 1.16 x the time of reading the weights (the bench's read, memory_cpu.cpp) in
 //   bf16 and from 1.88 - 1.92 x to 1.57 - 1.59 x in int8, against 8 rows at a time, a 16-weight step and 1 KiB of
 //   prefetch; at 64 rows it runs as before (scratch comparisons of the products alone, BENCHMARKS.md). Two or
 //   four sums per output were no faster at one row and 1.2 - 1.6 x slower at 64 rows, where they leave fewer
