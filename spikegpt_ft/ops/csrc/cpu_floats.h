@@ -1,7 +1,8 @@
 // Float32 values of small CPU tensors by loops of their own, and float32 scratch arrays, for the inference kernels
-// (linear_cpu.cpp, decode_cpu.cpp, and the step entries of wkv_cpu.cpp and lif_cpu.cpp): at batch 1 an ATen conversion or contiguous() costs microseconds of dispatch, more than the
-// copy of a row, and a decoding step has hundreds of them. bfloat16 widens exactly (it is the upper half of its
-// float32), so these give the values ATen's conversion gives.
+// (linear_cpu.cpp, decode_cpu.cpp, and the step entries of wkv_cpu.cpp and lif_cpu.cpp): at batch 1 an ATen
+// conversion or contiguous() costs microseconds of dispatch, more than the copy of a row, and a decoding step has
+// hundreds of them. bfloat16 widens exactly (it is the upper half of its float32), so these give the values ATen's
+// conversion gives.
 #pragma once
 
 #include <torch/extension.h>

@@ -83,7 +83,7 @@ using cpu_floats::floats_of;
 // and every intermediate is freed as soon as it has been used (see run_blocks). On the Intel Xeon of
 // BENCHMARKS.md the 216M step at batch 64 took 62.6 - 69.3 ms with the loops of before (float32 copies, one
 // thread) and 54.9 - 56.4 ms with these, against 54.3 - 56.0 ms with ATen's ops in their place (four runs of each,
-// alternating); at batch 1 the same 29.0 - 29.6 ms as before.
+// alternating); at batch 1 29.0 - 29.6 ms against 29.6 - 29.8 ms before (three runs of each).
 
 // The step's activations are float32 or bfloat16: x's dtype, which every product and ATen op of the step returns.
 // D below is one of these two descriptions of it; the loops read its elements as float32 (widen, exact) and round
