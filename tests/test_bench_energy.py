@@ -11,7 +11,7 @@ from helpers import tiny_model
 
 from spikegpt_ft.adapters import attach_adapters
 from spikegpt_ft.model import SpikeGPTConfig
-from spikegpt_ft.ops.linear import product_kernel
+from spikegpt_ft.ops.linear import product_kernel, stream_prefetch
 from spikegpt_ft.tools import bench, energy
 
 TINY = ["--layers", "1", "--embd", "32", "--vocab", "97", "--repeats", "2", "--warmup", "1"]
@@ -73,6 +73,9 @@ def test_bench_recurrent_bf16_weights():
     # the kernel the CPU inference layers chose for each batch, as they choose it
     assert [r["kernel"] for r in results] == [product_kernel(1, torch.bfloat16), product_kernel(3, torch.bfloat16)]
     assert results[0]["kernel"].startswith("stream-")
+    # both batches are up to four rows: the streaming kernel reads the weights from memory, with the measured prefetch
+    assert [r["prefetch"] for r in results] == [stream_prefetch()] * 2
+    assert f"({stream_prefetch()})" in bench.format_table(results)
 
 
 def test_bench_random_model_fires():

@@ -55,6 +55,47 @@ def test_a_row_gets_the_same_bits_alone_as_among_many(kernel, kind):
         assert torch.equal(extension().stream_linear(x[i : i + 1], weight, scale, None, kernel)[0], together[i])
 
 
+PREFETCHES = ["l1-2k", "l2-16k"]
+
+
+@pytest.fixture
+def restore_prefetch():
+    """Give the streaming kernel back its measured prefetch after a test that sets one."""
+    yield
+    extension().set_stream_prefetch("auto")
+
+
+def test_the_measured_prefetch_is_a_candidate_and_kept():
+    """Measured once (at the first call) among the candidates; "none" where only the portable kernel runs."""
+    chosen = extension().stream_prefetch()
+    assert chosen in (["none"] if KERNELS == ["portable"] else PREFETCHES)
+    assert all(extension().stream_prefetch() == chosen for _ in range(3))
+
+
+@pytest.mark.parametrize("kernel", [k for k in KERNELS if k != "portable"])
+@pytest.mark.parametrize("kind", ["bfloat16", "int8"])
+def test_every_prefetch_gives_the_same_bits(kernel, kind, restore_prefetch):
+    """A prefetch only moves weights into a cache early: one to four rows (the weights read from memory, where the
+    kernels prefetch) get the same bits under each, and the product stays the float64 one's within the bound."""
+    weight, scale, w = _weights(kind, 301, 1031, seed=8)
+    x = torch.randn(4, 1031, generator=torch.Generator().manual_seed(9)).to(torch.bfloat16)
+    results = {}
+    for prefetch in PREFETCHES:
+        extension().set_stream_prefetch(prefetch)
+        assert extension().stream_prefetch() == prefetch
+        results[prefetch] = [extension().stream_linear(x[:rows], weight, scale, None, kernel) for rows in (1, 2, 3, 4)]
+    for rows in (1, 2, 3, 4):
+        assert all(torch.equal(results[p][rows - 1], results[PREFETCHES[0]][rows - 1]) for p in PREFETCHES)
+    reference = x.double() @ w.T
+    bound = 1034 * 2.0**-24 * (x.double().abs() @ w.abs().T) * (1 + BF16_ROUNDING) + BF16_ROUNDING * reference.abs()
+    assert torch.all((results[PREFETCHES[1]][3].double() - reference).abs() <= bound)
+
+
+def test_an_unknown_prefetch_is_refused(restore_prefetch):
+    with pytest.raises(RuntimeError, match="unknown prefetch 'l3'"):
+        extension().set_stream_prefetch("l3")
+
+
 def test_bad_calls_are_refused_clearly():
     w = torch.zeros(4, 8, dtype=torch.bfloat16)
     x = torch.zeros(1, 8, dtype=torch.bfloat16)

@@ -5,9 +5,10 @@ memory. :class:`Linear` is the ``nn.Linear`` every SpikeGPT layer is built from;
 bfloat16 without gradients its product is chosen by what the CPU can do (:func:`product_kernel`):
 
 - ``stream``: the compiled streaming kernel (``csrc/linear_cpu.cpp``; AVX-512 or AVX2+FMA, the best the CPU
-  has, else portable C++). It reads each weight once and multiplies it with up to four rows of x from registers, block
-  by block for more rows, so one decoded row gets bit for bit the value it gets in a parallel pass. It runs
-  for any number of rows on CPUs without bfloat16 matrix arithmetic, where PyTorch's bfloat16 product is
+  has, else portable C++). It reads each weight once and multiplies it with up to four rows of x from registers
+  (prefetching the weights as measured fastest on the machine: :func:`stream_prefetch`), block by block for
+  more rows, so one decoded row gets bit for bit the value it gets in a parallel pass. It runs for any number
+  of rows on CPUs without bfloat16 matrix arithmetic, where PyTorch's bfloat16 product is
   emulated (a quarter of the float32 rate, BENCHMARKS.md), and for up to :data:`STREAM_MAX_ROWS` rows on
   the others;
 - ``amx``: on CPUs with AMX-BF16, for more rows, the compiled AMX kernel (``csrc/amx_linear.cpp``) on a copy
@@ -66,6 +67,13 @@ def matrix_kernel() -> str | None:
 def stream_kernel() -> str:
     """The streaming kernel this CPU runs: ``avx512`` (AVX-512F), ``avx2`` (AVX2 and FMA) or ``portable``."""
     return extension().linear_kernels()[0]
+
+
+def stream_prefetch() -> str:
+    """How the streaming kernel prefetches weights that come from memory on this machine: ``l1-2k`` (2 KiB ahead
+    into the L1 cache), ``l2-16k`` (16 KiB ahead into the L2) or ``none`` (no vector kernel). Measured once per
+    process, at the first call (about 30 ms), since the faster one depends on the machine; it changes no value."""
+    return extension().stream_prefetch()
 
 
 def product_kernel(rows: int, weight_dtype: torch.dtype) -> str:

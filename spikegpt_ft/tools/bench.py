@@ -41,7 +41,7 @@ from torch import nn
 from ..inference import WEIGHT_PRECISIONS, GraphedStepper, cast_weights
 from ..model import SpikeGPT, SpikeGPTConfig, init_random_spiking, make_lif
 from ..ops import Int8Linear, extension, fresh_state, wkv
-from ..ops.linear import product_kernel
+from ..ops.linear import STREAM_MAX_ROWS, product_kernel, stream_prefetch
 from ..system import cpu_flags, device_name, peak_memory_mb
 
 #: The WKV shapes of the issue, (B, T, C).
@@ -442,7 +442,9 @@ def bench_recurrent(args, device, dtype) -> list[dict]:
 
     Each row also carries the time to read all the linear weights once (``weight_read_ms``, the same model
     and dtype) and ``step_over_weight_read``, the step's median time over it; the product kernel the linear
-    layers chose for that batch (``kernel``, :func:`~spikegpt_ft.ops.linear.product_kernel` on the CPU);
+    layers chose for that batch (``kernel``, :func:`~spikegpt_ft.ops.linear.product_kernel` on the CPU) and,
+    where that is the streaming kernel reading the weights from memory, how it prefetches them (``prefetch``,
+    :func:`~spikegpt_ft.ops.linear.stream_prefetch`);
     the batch's rows through the linear layers alone (:func:`time_products`); and the step's linear-layer rate
     (``linear_gflop_per_s``: their FLOPs over the whole step's time) beside one large matrix product in
     bfloat16 and float32, measured in the same run (``matmul_gflop_per_s``), and beside the rate at which the
@@ -476,6 +478,8 @@ def bench_recurrent(args, device, dtype) -> list[dict]:
         samples, path = _decode_case(model, args, device, B, steps)
         med = statistics.median(samples)
         kernel = product_kernel(B, weight_dtype) if device.type == "cpu" and weights != "float32" else "torch"
+        # the streaming kernel prefetches the weights only where they come from memory (up to four rows)
+        prefetch = stream_prefetch() if kernel.startswith("stream-") and B <= STREAM_MAX_ROWS else None
         products = time_products(model, device, args.warmup, max(args.repeats, 5), rows=B)
         results.append(
             _result(
@@ -492,6 +496,7 @@ def bench_recurrent(args, device, dtype) -> list[dict]:
                 cuda_graph=path == "cuda-graph",
                 step=path,
                 kernel=kernel,
+                prefetch=prefetch,
                 **read,
                 **products,
                 step_over_weight_read=med * 1e3 / read["weight_read_ms"],
@@ -563,7 +568,7 @@ def format_table(results: list[dict]) -> str:
                 f"{r['step_over_weight_read']:.2f}" if "step_over_weight_read" in r else "",
                 _products_text(r),
                 r.get("step", ""),
-                r.get("kernel", ""),
+                r.get("kernel", "") + (f" ({r['prefetch']})" if r.get("prefetch") else ""),
                 _rates_text(r),
             )
         )

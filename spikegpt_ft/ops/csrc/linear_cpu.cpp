@@ -12,15 +12,16 @@
 // time, and `spikegpt_ft.ops.linear` chooses where the streaming kernel runs at all.
 //
 // Where the weights come from memory (up to four rows of x), both vector kernels read one weight row at a time,
-// so that the weights arrive as one sequential stream, with a software prefetch 2 KiB ahead of it. Where they
-// come from the cache (more rows), the AVX-512 kernel takes 4 to 8 weight rows at a time, so that they share each
-// vector of x. bfloat16 weights are widened by a shift (the even elements) and a mask (the odd ones), against x
-// laid out the same way once per call.
+// so that the weights arrive as one sequential stream, with a software prefetch ahead of it (`Prefetch`: how far
+// ahead and into which cache is measured on the machine itself, once per process). Where they come from the cache
+// (more rows), the AVX-512 kernel takes 4 to 8 weight rows at a time, so that they share each vector of x.
+// bfloat16 weights are widened by a shift (the even elements) and a mask (the odd ones), against x laid out the
+// same way once per call.
 // - The AVX2 kernel (16 weights a step, two sums per output): on an AMD EPYC with AVX2 (2 cores) one row went
 //   from 1.53 - 1.67 x to 0.99 - 1.00 x the time of a 64-bit-word `max` over the weights in bf16 and from 2.35 -
 //   2.37 x to 1.49 - 1.62 x in int8, against several rows at a time; at 64 rows, where the products are
-//   compute-bound, bf16 became 7 - 9 % slower and int8 stayed the same. 1 KiB and 2 - 8 KiB of prefetch ran alike
-//   there.
+//   compute-bound, bf16 became 7 - 9 % slower and int8 stayed the same. 1 KiB and 2 - 8 KiB of prefetch into the
+//   L1 cache ran alike there.
 // - The AVX-512 kernel (a cache line a step, one sum per output): on an Intel Xeon with AVX-512 (2 cores) one row
 //   went from 1.39 - 1.40 x to 1.14 - 1.16 x the time of reading the weights (the bench's read, memory_cpu.cpp) in
 //   bf16 and from 1.88 - 1.92 x to 1.57 - 1.59 x in int8, against 8 rows at a time, a 16-weight step and 1 KiB of
@@ -36,6 +37,8 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <atomic>
+#include <chrono>
 #include <cstdint>
 #include <cstring>
 #include <optional>
@@ -61,8 +64,36 @@ using cpu_floats::floats_of;
 constexpr int64_t kMinWeightsPerThread = 1 << 16;
 // Rows of x the streaming kernel multiplies at once (their accumulators live in registers).
 constexpr int64_t kMaxStreamRows = 4;
-// Bytes ahead of the weights being read that the vector kernels ask the cache for.
-constexpr int64_t kPrefetchAhead = 2048;
+
+// How the vector kernels ask for the weights ahead of the ones they multiply, where those come from memory: into
+// which cache and how many bytes ahead. Which is fastest depends on the machine, and a prefetch changes no value,
+// so each process measures the candidates (`calibrate_prefetch`) and keeps the fastest. The candidates:
+// - 2 KiB ahead into the L1 cache: on the AMD EPYC of the comment at the top 1 KiB and 2 - 8 KiB ran alike;
+// - 16 KiB ahead into the L2 cache: on the Intel Xeon (AVX-512, AMX) of BENCHMARKS.md the 216M model's products
+//   of one row in model order took 1.12 - 1.15 x the time of reading the weights in bf16 (1.35 - 1.36 x with the
+//   first), 1.43 x in int8 (1.66 - 1.80 x), in alternating scratch runs; 2 - 8 KiB into the L2 and longer
+//   distances into the L1 were slower. A prefetch into the L1 takes one of the core's few buffers for
+//   outstanding misses until the line arrives; one into the L2 does not.
+struct Prefetch {
+  const char* name;
+  bool into_l2;
+  int64_t ahead;  // bytes
+};
+constexpr Prefetch kPrefetches[] = {{"l1-2k", false, 2048}, {"l2-16k", true, 16 * 1024}};
+constexpr int kPrefetchCount = sizeof(kPrefetches) / sizeof(kPrefetches[0]);
+
+// Ask for the cache line `p.ahead` bytes after `at`.
+inline void prefetch_ahead(const Prefetch& p, const void* at) {
+#if defined(__x86_64__) && defined(__GNUC__)
+  const char* line = static_cast<const char*>(at) + p.ahead;
+  if (p.into_l2) {
+    _mm_prefetch(line, _MM_HINT_T1);
+  } else {
+    _mm_prefetch(line, _MM_HINT_T0);
+  }
+#endif
+}
+
 // Weights per block that the rows of x share from the cache (256 KiB of bfloat16).
 constexpr int64_t kStreamBlockWeights = 1 << 17;
 
@@ -77,8 +108,8 @@ inline float widen(int8_t q) { return static_cast<float>(q); }
 // What every streaming kernel needs: x float32 [M, K] (for the vector kernels with bfloat16 weights, each 16-
 // (AVX2) or 32-wide (AVX-512) block of the reduction as its even then its odd elements: `float_rows`), the
 // weight's raw elements [N, K], the per-row scale (int8) or null, the bias float32 or null, out [M, N] of type
-// Out; rows [n0, n1) of the weight. `from_memory`: whether this pass over the weights is their only one (then
-// they come from memory and the vector kernels prefetch them; otherwise from the cache, where it would not help).
+// Out; rows [n0, n1) of the weight. `prefetch`: how the vector kernels prefetch the weights where this pass over
+// them is their only one (they come from memory); null where they come from the cache (a prefetch would not help).
 template <typename W, typename Out>
 struct StreamArgs {
   const float* x;
@@ -87,7 +118,7 @@ struct StreamArgs {
   const float* bias;
   Out* out;
   int64_t M, N, K;
-  bool from_memory;
+  const Prefetch* prefetch;
 };
 
 template <typename W, typename Out>
@@ -148,9 +179,7 @@ AVX2_TARGET void stream_rows_avx2(const StreamArgs<W, Out>& a, int64_t n) {
   for (int64_t k = 0; k < body; k += 16) {
     for (int r = 0; r < R; ++r) {
       const W* wk = a.w + (n + r) * K + k;
-      if (a.from_memory && k % kLine == 0) {
-        _mm_prefetch(reinterpret_cast<const char*>(wk) + kPrefetchAhead, _MM_HINT_T0);
-      }
+      if (a.prefetch != nullptr && k % kLine == 0) prefetch_ahead(*a.prefetch, wk);
       __m256 first, second;
       widen16(wk, first, second);
       for (int m = 0; m < M; ++m) {
@@ -201,10 +230,8 @@ AVX512_TARGET void stream_rows_avx512(const StreamArgs<W, Out>& a, int64_t n) {
   for (int r = 0; r < R; ++r)
     for (int m = 0; m < M; ++m) acc[r][m] = _mm512_setzero_ps();
   for (int64_t k = 0; k < body; k += kLine) {
-    if (a.from_memory) {
-      for (int r = 0; r < R; ++r) {
-        _mm_prefetch(reinterpret_cast<const char*>(a.w + (n + r) * K + k) + kPrefetchAhead, _MM_HINT_T0);
-      }
+    if (a.prefetch != nullptr) {
+      for (int r = 0; r < R; ++r) prefetch_ahead(*a.prefetch, a.w + (n + r) * K + k);
     }
     for (int v = 0; v < kVectors; ++v) {
       __m512 xs[M];
@@ -244,7 +271,7 @@ template <typename Isa, int M, typename W, typename Out>
 void stream_vector_m(const StreamArgs<W, Out>& a, int64_t n0, int64_t n1) {
   constexpr int R = Isa::template kWeightRows<M>;
   int64_t n = n0;
-  if (!a.from_memory) {
+  if (a.prefetch == nullptr) {
     for (; n + R <= n1; n += R) Isa::template rows<M, R>(a, n);
   }
   for (; n < n1; ++n) Isa::template rows<M, 1>(a, n);
@@ -378,6 +405,70 @@ void run_stream(const StreamArgs<W, Out>& a, Kernel kernel) {
   });
 }
 
+// The best vector kernel this CPU runs, if any.
+std::optional<Kernel> vector_kernel() {
+  if (cpu_has_avx512()) return Kernel::kAvx512;
+  if (cpu_has_avx2_fma()) return Kernel::kAvx2;
+  return std::nullopt;
+}
+
+// Evict `n` bytes from p from every cache, so that the next pass over them reads them from memory (CLFLUSHOPT
+// where the CPU has it: CLFLUSH is ordered, one line after the other, and took most of the calibration's time).
+#if defined(__x86_64__) && defined(__GNUC__)
+__attribute__((target("clflushopt"))) void flush_unordered(char* bytes, int64_t n) {
+  for (int64_t i = 0; i < n; i += 64) _mm_clflushopt(bytes + i);
+}
+#endif
+void flush_from_caches(void* p, int64_t n) {
+#if defined(__x86_64__) && defined(__GNUC__)
+  static const bool unordered = __builtin_cpu_supports("clflushopt");
+  char* bytes = static_cast<char*>(p);
+  if (unordered) {
+    flush_unordered(bytes, n);
+  } else {
+    for (int64_t i = 0; i < n; i += 64) _mm_clflush(bytes + i);
+  }
+  _mm_mfence();
+#endif
+}
+
+// The index of the fastest of kPrefetches on this machine: one row of x by a 24 MiB bfloat16 weight (768 wide,
+// the model's width) through the best vector kernel and the threads, the weight flushed from the caches before
+// each pass, the candidates alternating for three rounds; each candidate's fastest pass counts, a tie keeps the
+// first. About 30 ms, once per process (on the Intel Xeon of BENCHMARKS.md the passes took 1.46 - 1.60 ms with
+// "l1-2k" and 1.15 - 1.22 ms with "l2-16k" in four processes).
+int calibrate_prefetch() {
+  const auto kernel = vector_kernel();
+  if (!kernel) return 0;  // the portable kernel does not prefetch
+  constexpr int64_t N = 16 * 1024, K = 768, kRounds = 3;
+  std::vector<uint16_t> weight(N * K, 0x3f80);  // bfloat16 1.0, written so that every page is there
+  std::vector<float> x(K, 1.0f), out(N);
+  std::vector<double> best(kPrefetchCount, 1e30);
+  for (int round = 0; round < kRounds; ++round) {
+    for (int c = 0; c < kPrefetchCount; ++c) {
+      flush_from_caches(weight.data(), N * K * static_cast<int64_t>(sizeof(uint16_t)));
+      const auto start = std::chrono::steady_clock::now();
+      run_stream(StreamArgs<uint16_t, float>{x.data(), weight.data(), nullptr, nullptr, out.data(), 1, N, K,
+                                             &kPrefetches[c]},
+                 *kernel);
+      const std::chrono::duration<double> took = std::chrono::steady_clock::now() - start;
+      best[c] = std::min(best[c], took.count());
+    }
+  }
+  return static_cast<int>(std::min_element(best.begin(), best.end()) - best.begin());
+}
+
+// The prefetch set by `set_stream_prefetch`, or -1 for the calibrated one.
+std::atomic<int> forced_prefetch{-1};
+
+// The prefetch the vector kernels use where the weights come from memory.
+const Prefetch& stream_prefetch() {
+  const int forced = forced_prefetch.load();
+  if (forced >= 0) return kPrefetches[forced];
+  static const int calibrated = calibrate_prefetch();
+  return kPrefetches[calibrated];
+}
+
 template <typename W>
 void stream_dispatch(const torch::Tensor& x, const torch::Tensor& w, const float* s, const float* b,
                      torch::Tensor& out, Kernel kernel) {
@@ -389,11 +480,12 @@ void stream_dispatch(const torch::Tensor& x, const torch::Tensor& w, const float
                         : kernel == Kernel::kAvx512   ? 32
                                                       : 0;
   const auto xf = float_rows(x, block);
-  const bool from_memory = M <= kMaxStreamRows;  // one group of rows: one pass over the weights
+  // one group of rows: one pass over the weights, from memory
+  const Prefetch* prefetch = M <= kMaxStreamRows && kernel != Kernel::kPortable ? &stream_prefetch() : nullptr;
   if (out.scalar_type() == torch::kFloat32) {
-    run_stream(StreamArgs<W, float>{xf.data, w_, s, b, out.data_ptr<float>(), M, N, K, from_memory}, kernel);
+    run_stream(StreamArgs<W, float>{xf.data, w_, s, b, out.data_ptr<float>(), M, N, K, prefetch}, kernel);
   } else {
-    run_stream(StreamArgs<W, at::BFloat16>{xf.data, w_, s, b, out.data_ptr<at::BFloat16>(), M, N, K, from_memory},
+    run_stream(StreamArgs<W, at::BFloat16>{xf.data, w_, s, b, out.data_ptr<at::BFloat16>(), M, N, K, prefetch},
                kernel);
   }
 }
@@ -409,6 +501,30 @@ std::vector<std::string> linear_kernels_cpu() {
   return kernels;
 }
 
+// The prefetch of the vector kernels where the weights come from memory, by name ("l1-2k": 2 KiB ahead into the
+// L1 cache, "l2-16k": 16 KiB ahead into the L2), as measured on this machine at the first call (or as set);
+// "none" where the CPU has no vector kernel.
+std::string stream_prefetch_cpu() {
+  if (!vector_kernel()) return "none";
+  return stream_prefetch().name;
+}
+
+// Use the prefetch `name` (one of stream_prefetch_cpu's) from now on, or the measured one again ("auto"). A
+// prefetch changes no value, only the speed: for tests and benchmarks.
+void set_stream_prefetch_cpu(const std::string& name) {
+  if (name == "auto") {
+    forced_prefetch.store(-1);
+    return;
+  }
+  for (int c = 0; c < kPrefetchCount; ++c) {
+    if (name == kPrefetches[c].name) {
+      forced_prefetch.store(c);
+      return;
+    }
+  }
+  TORCH_CHECK(false, "set_stream_prefetch: unknown prefetch '", name, "' (auto, l1-2k or l2-16k)");
+}
+
 // x: [M, K] float32 or bfloat16; weight: [N, K] bfloat16, or int8 with scale [N]; bias: [N].
 // Returns [M, N] in x's dtype. `kernel`: "auto" (the best this CPU runs), "avx512", "avx2" or "portable".
 torch::Tensor stream_linear_cpu(torch::Tensor x, torch::Tensor weight, std::optional<torch::Tensor> scale,
@@ -421,9 +537,7 @@ torch::Tensor stream_linear_cpu(torch::Tensor x, torch::Tensor weight, std::opti
   const Kernel chosen = kernel == "avx512"     ? Kernel::kAvx512
                         : kernel == "avx2"     ? Kernel::kAvx2
                         : kernel == "portable" ? Kernel::kPortable
-                        : cpu_has_avx512()     ? Kernel::kAvx512
-                        : cpu_has_avx2_fma()   ? Kernel::kAvx2
-                                               : Kernel::kPortable;
+                                               : vector_kernel().value_or(Kernel::kPortable);
   const auto w = contiguous(weight);
   const auto sf = as_floats(scale), bf = as_floats(bias);
   auto out = torch::empty({x.size(0), w.size(0)}, x.options());

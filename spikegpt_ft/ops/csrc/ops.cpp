@@ -25,6 +25,8 @@ std::vector<torch::Tensor> lif_backward_cpu(torch::Tensor grad_spikes, torch::Te
 std::vector<std::string> linear_kernels_cpu();
 torch::Tensor stream_linear_cpu(torch::Tensor x, torch::Tensor weight, std::optional<torch::Tensor> scale,
                                 std::optional<torch::Tensor> bias, const std::string& kernel);
+std::string stream_prefetch_cpu();
+void set_stream_prefetch_cpu(const std::string& name);
 // The products of many rows with bfloat16 weights on AMX (amx_linear.cpp).
 bool amx_usable_cpu();
 torch::Tensor amx_pack_weight_cpu(torch::Tensor weight);
@@ -152,7 +154,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("linear_kernels", &linear_kernels_cpu, "the streaming product kernels this CPU runs, best first");
   m.def("stream_linear", &stream_linear_cpu,
         "linear, streaming the weights (cpu): (x[M,K], weight[N,K] bf16 or int8, scale[N] (int8) or None, "
-        "bias[N] or None, kernel 'auto'|'avx2'|'portable') -> y[M,N] in x's dtype");
+        "bias[N] or None, kernel 'auto'|'avx512'|'avx2'|'portable') -> y[M,N] in x's dtype");
+  m.def("stream_prefetch", &stream_prefetch_cpu,
+        "how stream_linear prefetches weights from memory on this machine, measured at the first call: "
+        "'l1-2k', 'l2-16k', or 'none' (no vector kernel)");
+  m.def("set_stream_prefetch", &set_stream_prefetch_cpu,
+        "use one of stream_prefetch's prefetches from now on, or the measured one again ('auto')");
   m.def("amx_usable", &amx_usable_cpu, "whether this CPU, build and OS run the AMX product");
   m.def("amx_pack_weight", &amx_pack_weight_cpu,
         "a bf16 weight[N,K] laid out for amx_linear: [ceil(N/32), ceil(K/32), 2, 16, 16, 2], zero-padded");
