@@ -18,7 +18,7 @@ from spikegpt_ft.adapters import SparsityMeter, attach_adapters, merge_adapters
 from spikegpt_ft.inference import GraphedStepper, cast_weights
 from spikegpt_ft.inference.decoding import compile_step
 from spikegpt_ft.ops import linear as linear_ops
-from spikegpt_ft.ops.decode import block_operands, decode_blocks, stack_operands
+from spikegpt_ft.ops.decode import KERNELS, PRODUCTS, block_operands, decode_blocks, stack_operands
 
 VOCAB, STEPS = 61, 6
 
@@ -204,6 +204,9 @@ def adapted(kind: str, gate: str = "temporal", precision: str = "float32", seed:
 )
 def test_adapters_run_compiled_with_model_steps_results_and_sparsity(kind, gate, precision):
     model = adapted(kind, gate, precision)
+    # bfloat16 activations (bf16 and int8 models): A and B streamed, as AdapterLinear.forward multiplies 3 rows
+    lora_kernel = "stream" if model.emb.weight.dtype == torch.bfloat16 else "aten"
+    assert compile_step(model, 3).stack.lora_kernels == [KERNELS[lora_kernel]] * (len(model.blocks) * len(PRODUCTS))
     rows = tokens(3, seed=4)
     meter = SparsityMeter(model)
     with torch.no_grad():

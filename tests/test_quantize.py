@@ -10,7 +10,7 @@ from torch import nn
 from spikegpt_ft.adapters import AdapterLinear, attach_adapters
 from spikegpt_ft.inference import cast_weights, quantize_int8
 from spikegpt_ft.model import SpikeGPT, SpikeGPTConfig
-from spikegpt_ft.ops import Int8Linear, Linear
+from spikegpt_ft.ops import Int8Linear, Linear, extension
 from spikegpt_ft.ops import linear as linear_ops
 from spikegpt_ft.ops.linear import STREAM_MAX_ROWS
 
@@ -229,3 +229,57 @@ def test_amx_layer_follows_its_weight_changed_in_place_or_replaced():
     layer.weight = nn.Parameter(torch.randn(70, 40).to(torch.bfloat16))
     with torch.inference_mode():
         assert torch.equal(layer(rows), fresh_result())
+
+
+def _counting_f_linear(monkeypatch) -> list[tuple[int, ...]]:
+    """Record the input shape of every F.linear call from now on (the calls still compute)."""
+    calls, real = [], nn.functional.linear
+
+    def counted(x, *args, **kwargs):
+        calls.append(tuple(x.shape))
+        return real(x, *args, **kwargs)
+
+    monkeypatch.setattr(nn.functional, "linear", counted)
+    return calls
+
+
+def test_adapter_matrices_stream_where_a_linear_layer_would(monkeypatch):
+    """An adapter's A and B (no Linear of their own) take the streaming kernel in bfloat16 inference on the CPU, as
+    the compiled step multiplies them, up to four rows; more rows, or a gradient needed: F.linear."""
+    g = torch.Generator().manual_seed(3)
+    w = torch.randn(40, 24, generator=g).to(torch.bfloat16)
+    x = torch.randn(2, 3, 24, generator=g).to(torch.bfloat16)
+    calls = _counting_f_linear(monkeypatch)
+    with torch.no_grad():
+        one = linear_ops.unpacked_linear(x[:1, :1], w)
+        assert not calls and one.shape == (1, 1, 40)
+        assert torch.equal(one.view(1, 40), extension().stream_linear(x[0, :1], w, None, None, "auto"))
+        row = x[0, :1].double()
+        reference, terms = row @ w.double().T, row.abs() @ w.double().abs().T
+        # float32 sums of 24 terms, then one rounding to bfloat16
+        bound = 27 * 2.0**-24 * terms * (1 + 2.0**-8) + 2.0**-8 * reference.abs()
+        assert torch.all((one.view(1, 40).double() - reference).abs() <= bound)
+        four = linear_ops.unpacked_linear(x.view(6, 24)[:STREAM_MAX_ROWS], w)
+        assert not calls and torch.equal(four, extension().stream_linear(x.view(6, 24)[:4], w, None, None, "auto"))
+        many = linear_ops.unpacked_linear(x, w)
+        assert calls == [(2, 3, 24)] and torch.equal(many, nn.functional.linear(x, w))
+    calls.clear()
+    out = linear_ops.unpacked_linear(x[:1, :1], w.clone().requires_grad_())
+    assert out.requires_grad and calls == [(1, 1, 24)]
+
+
+def test_a_bfloat16_adapted_layer_multiplies_its_adapter_with_the_streaming_kernel(monkeypatch):
+    """AdapterLinear.forward at one row: the base's and the adapter's products all streamed, none through F.linear
+    (the compiled step's way, which tests/test_decode_step.py holds bitwise to model.step)."""
+    model = attach_adapters(_tiny_model(), kind="lora", r=4).eval()
+    cast_weights(model, "bfloat16")
+    layer = model.blocks[0].att.key
+    assert isinstance(layer, AdapterLinear)
+    calls = _counting_f_linear(monkeypatch)
+    with torch.no_grad():
+        layer.lora_B.normal_(0, 0.5, generator=torch.Generator().manual_seed(4))
+        x = torch.randn(1, 1, layer.in_features, generator=torch.Generator().manual_seed(5)).to(torch.bfloat16)
+        stream = lambda rows, w: extension().stream_linear(rows.reshape(1, -1), w, None, None, "auto")  # noqa: E731
+        expected = stream(x, layer.base.weight) + stream(stream(x, layer.lora_A), layer.lora_B) * layer.scaling
+        assert torch.equal(layer(x).view(1, -1), expected)
+    assert not calls

@@ -23,7 +23,6 @@ import dataclasses
 import math
 
 import torch
-import torch.nn.functional as F
 from spikingjelly.activation_based import neuron, surrogate
 from torch import nn
 
@@ -31,6 +30,7 @@ from ..model import fire, make_lif
 from ..ops import CompiledLIFNode
 from ..ops.decode import ProductOperands, linear_operands, unhooked
 from ..ops.lif import lif_kernel_settings
+from ..ops.linear import streams_unpacked, unpacked_linear
 from . import sparsity
 from .config import AdapterConfig
 
@@ -100,11 +100,12 @@ class AdapterLinear(nn.Module):
             return out
         if x.dim() != 3:
             raise ValueError(f"adapters take input of shape [B, T, features], got {tuple(x.shape)}")
-        a = F.linear(self.dropout(x), self.lora_A.to(x.dtype))
+        # bfloat16 inference on the CPU: the streaming kernel, as the compiled step multiplies them
+        a = unpacked_linear(self.dropout(x), self.lora_A.to(x.dtype))
         if self.gate is not None:
             a = self.gated(a)
             sparsity.record(self, a)
-        return out + F.linear(a, self.lora_B.to(x.dtype)) * self.scaling
+        return out + unpacked_linear(a, self.lora_B.to(x.dtype)) * self.scaling
 
     def decode_operands(self, dtype: torch.dtype, rows: int) -> ProductOperands | None:
         """This layer as the compiled CPU step multiplies ``rows`` rows of ``dtype`` (:mod:`spikegpt_ft.ops.decode`).
@@ -126,10 +127,13 @@ class AdapterLinear(nn.Module):
             if found is None:
                 return None
             settings = found
+        # the products of A and B as forward's unpacked_linear multiplies `rows` rows of `dtype` without gradients
+        streamed = streams_unpacked(rows, dtype, dtype)
         return dataclasses.replace(
             base,
             lora_A=self.lora_A,
             lora_B=self.lora_B,
+            lora_kernel="stream" if streamed else "aten",
             scaling=float(self.scaling),
             gate=self.gate_mode,
             gate_settings=settings,

@@ -51,8 +51,9 @@ class ProductOperands:
 
     ``scale``: int8 weights' per-row scale; ``kernel``: ``stream`` (the streaming kernel), ``amx`` (the AMX
     kernel on ``packed``, :meth:`Linear.packed_weight`, which ``layer`` refreshes) or ``aten`` (ATen's product);
-    ``gate``: ``None``, ``"temporal"`` (its membrane carried along the tokens) or ``"pointwise"`` (from rest at
-    every token), with ``gate_settings`` ``(tau, v_threshold, v_reset)``.
+    ``lora_kernel``: ``stream`` or ``aten``, the products of ``lora_A`` and ``lora_B``; ``gate``: ``None``,
+    ``"temporal"`` (its membrane carried along the tokens) or ``"pointwise"`` (from rest at every token), with
+    ``gate_settings`` ``(tau, v_threshold, v_reset)``.
     """
 
     weight: torch.Tensor
@@ -62,6 +63,7 @@ class ProductOperands:
     layer: Linear | None = None
     lora_A: torch.Tensor | None = None  # noqa: N815 - PEFT's name
     lora_B: torch.Tensor | None = None  # noqa: N815 - PEFT's name
+    lora_kernel: str = "aten"
     scaling: float = 0.0
     gate: str | None = None
     gate_settings: tuple[float, float, float] = (0.0, 0.0, 0.0)
@@ -156,6 +158,7 @@ class StackOperands:
     blocks: int
     tensors: list[torch.Tensor | None]
     kernels: list[int]
+    lora_kernels: list[int]
     gates: list[int]
     scalars: list[float]
     lif_settings: list[float]
@@ -179,6 +182,7 @@ def stack_operands(blocks: list[BlockOperands]) -> StackOperands:
         blocks=len(blocks),
         tensors=[t for b in blocks for t in b.tensors],
         kernels=[KERNELS[p.kernel] for p in products],
+        lora_kernels=[KERNELS[p.lora_kernel] for p in products],
         gates=[GATES[p.gate] for p in products],
         scalars=[v for p in products for v in (p.scaling, *p.gate_settings)],
         lif_settings=[v for b in blocks for v in b.lif_settings],
@@ -220,6 +224,7 @@ def decode_blocks(
         x,
         tensors,
         stack.kernels,
+        stack.lora_kernels,
         stack.gates,
         stack.scalars,
         att_shift,

@@ -31,6 +31,7 @@ import functools
 import warnings
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ..system import cpu_flags
@@ -133,6 +134,43 @@ def compiled_product(rows: int, x_dtype: torch.dtype, weight_dtype: torch.dtype)
     return None if kernel == "torch" else kernel.split("-")[0]
 
 
+def inference_kernel(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> str | None:
+    """The compiled kernel of the product ``x W^T (+ bias)`` (``stream`` or ``amx``: bfloat16 on the CPU, no
+    gradient, the CPU's choice for that many rows, :func:`compiled_product`), or ``None`` for ``F.linear``."""
+    # the dtype first: float32 layers, the training path, answer after one comparison
+    if x.dtype != torch.bfloat16 or x.device.type != "cpu" or weight.device.type != "cpu":
+        return None
+    if needs_autograd(x, *((weight,) if bias is None else (weight, bias))):
+        return None
+    return compiled_product(x.numel() // weight.shape[1], x.dtype, weight.dtype)
+
+
+def streams_unpacked(rows: int, x_dtype: torch.dtype, weight_dtype: torch.dtype) -> bool:
+    """Whether :func:`unpacked_linear` streams ``rows`` rows (without gradients, on the CPU): up to
+    :data:`STREAM_MAX_ROWS` rows where a :class:`Linear` would stream them.
+
+    Above that, ``F.linear``: the streaming kernel sums an adapter's ``B`` (a reduction as short as the rank) one
+    element after the other, which at 64 rows took 200 us against oneDNN's 26 us (rank 8, 768 outputs, the Intel
+    Xeon of BENCHMARKS.md).
+    """
+    return rows <= STREAM_MAX_ROWS and compiled_product(rows, x_dtype, weight_dtype) == "stream"
+
+
+def unpacked_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """``F.linear(x, weight)`` for a weight that is no :class:`Linear`'s (an adapter's ``A`` or ``B``), through the
+    streaming kernel where :func:`streams_unpacked` says so and no gradient is needed.
+
+    At one row, ``F.linear`` of a bfloat16 rank-8 adapter matrix took 21 - 24 us on the Intel Xeon of
+    BENCHMARKS.md (oneDNN's fixed cost), the streaming kernel 1.6 us for ``A`` (768 inputs) and 4.5 us for ``B``
+    (768 outputs); a SpikeLoRA model has two per linear layer.
+    """
+    rows = x.numel() // weight.shape[1]
+    if inference_kernel(x, weight) is None or not streams_unpacked(rows, x.dtype, weight.dtype):
+        return F.linear(x, weight)
+    out = extension().stream_linear(x.reshape(rows, weight.shape[1]), weight, None, None, "auto")
+    return out.view(*x.shape[:-1], weight.shape[0])
+
+
 class Linear(nn.Linear):
     """SpikeGPT's linear layer: ``nn.Linear``, whose bfloat16 CPU inference product is :func:`product_kernel`'s.
 
@@ -145,14 +183,8 @@ class Linear(nn.Linear):
     _packed: tuple[torch.Tensor, torch.Tensor, int] | None = None
 
     def kernel_for(self, x: torch.Tensor) -> str | None:
-        """The compiled kernel ``self(x)`` runs (``stream`` or ``amx``: bfloat16 on the CPU, no gradient, the
-        CPU's choice), or ``None`` for ``nn.Linear``'s product."""
-        # the dtype first: float32 layers, the training path, answer after one comparison
-        if x.dtype != torch.bfloat16 or x.device.type != "cpu" or self.weight.device.type != "cpu":
-            return None
-        if needs_autograd(x, *((self.weight,) if self.bias is None else (self.weight, self.bias))):
-            return None
-        return compiled_product(x.numel() // self.in_features, x.dtype, self.weight.dtype)
+        """The compiled kernel ``self(x)`` runs (:func:`inference_kernel`), or ``None`` for ``nn.Linear``'s product."""
+        return inference_kernel(x, self.weight, self.bias)
 
     def uses_kernel(self, x: torch.Tensor) -> bool:
         """Whether ``self(x)`` runs a compiled kernel (:meth:`kernel_for`)."""

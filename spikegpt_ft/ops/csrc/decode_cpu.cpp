@@ -216,6 +216,7 @@ torch::Tensor add_fired(const torch::Tensor& x, const torch::Tensor& input, cons
 struct Step {
   const Tensors& tensors;
   const std::vector<int64_t>& kernels;
+  const std::vector<int64_t>& lora_kernels;
   const std::vector<int64_t>& gates;
   const std::vector<double>& scalars;
   const Tensors& membranes;
@@ -232,8 +233,9 @@ struct Step {
   bool has(int64_t slot) const { return tensors[block * kSlots + slot].has_value(); }
 
   // x W^T through the kernel the layer chose (the streaming kernel with int8 weights and their scale or
-  // bfloat16 ones, the AMX kernel, or ATen's product); plus the adapter's s * B (S(A x) * A x) (S = 1 without gate).
-  // x and the result are of the step's dtype D.
+  // bfloat16 ones, the AMX kernel, or ATen's product); plus the adapter's s * B (S(A x) * A x) (S = 1 without gate),
+  // A and B in x's dtype through the kernel the adapter chose (the streaming kernel or ATen's product). x and the
+  // result are of the step's dtype D.
   template <typename D>
   torch::Tensor product(Product p, const torch::Tensor& x) {
     const int64_t slot = kProductSlots + p * kTensorsPerProduct, index = block * kProducts + p;
@@ -251,8 +253,13 @@ struct Step {
       out = stream_linear_cpu(x.to(torch::kBFloat16), w, get(slot + 1), std::nullopt, "auto").to(x.scalar_type());
     }
     if (!has(slot + 3)) return out;
+    const auto lora = [&](const torch::Tensor& input, int64_t matrix) {
+      const auto w = get(matrix).to(input.scalar_type());
+      return lora_kernels[index] == kStream ? stream_linear_cpu(input, w, std::nullopt, std::nullopt, "auto")
+                                            : at::linear(input, w);
+    };
     const double* s = &scalars[index * kProductScalars];
-    auto a = at::linear(x, get(slot + 3).to(x.scalar_type()));
+    auto a = lora(x, slot + 3);
     const int64_t neuron = block * kNeurons + p;
     if (gates[index] != kNoGate) {
       // temporal: the carried membrane; pointwise: from rest at every token, nothing carried
@@ -265,7 +272,7 @@ struct Step {
       if (gates[index] == kTemporal) next_membranes[neuron] = v_last;
       if (record) gated[index] = a;
     }
-    return out + at::linear(a, get(slot + 4).to(x.scalar_type())) * s[0];
+    return out + lora(a, slot + 4) * s[0];
   }
 };
 
@@ -276,8 +283,8 @@ torch::Tensor mix(const torch::Tensor& previous, const torch::Tensor& mu, const 
 
 }  // namespace
 
-// x: [B, C] after the embedding; tensors: kSlots per block; per product of every block: its Kernel, gate (Gate),
-// kProductScalars scalars; att_shift, ffn_shift: [L, B, C] float32;
+// x: [B, C] after the embedding; tensors: kSlots per block; per product of every block: its Kernel, its adapter's
+// Kernel (kStream or kAten), gate (Gate), kProductScalars scalars; att_shift, ffn_shift: [L, B, C] float32;
 // wkv: [L, B, 3, C] float32; membranes: kNeurons per block, [B, width] float32 or None (at rest); lif:
 // kLifSettings per block; record: also return each gate's S(A x) * A x. Returns x after the blocks, the next
 // att_shift, ffn_shift and wkv, the kNeurons L membranes after the token (undefined for neurons that carry
@@ -285,6 +292,7 @@ torch::Tensor mix(const torch::Tensor& previous, const torch::Tensor& mu, const 
 // not changed; into: empty, or the tensors (not overlapping the state) to write the next att_shift, ffn_shift
 // and wkv into.
 std::vector<torch::Tensor> decode_blocks_cpu(torch::Tensor x, Tensors tensors, std::vector<int64_t> kernels,
+                                             std::vector<int64_t> lora_kernels,
                                              std::vector<int64_t> gates, std::vector<double> scalars,
                                              torch::Tensor att_shift, torch::Tensor ffn_shift, torch::Tensor wkv,
                                              Tensors membranes, std::vector<double> lif, double eps, bool record,
@@ -292,10 +300,11 @@ std::vector<torch::Tensor> decode_blocks_cpu(torch::Tensor x, Tensors tensors, s
   const int64_t L = att_shift.size(0), B = x.size(0), C = x.size(1);
   TORCH_CHECK(x.dim() == 2 && x.device().is_cpu(), "decode_blocks: x must be [B, C] on the CPU");
   const auto n = [](const auto& v) { return static_cast<int64_t>(v.size()); };
-  TORCH_CHECK(n(tensors) == L * kSlots && n(kernels) == L * kProducts && n(gates) == L * kProducts &&
+  TORCH_CHECK(n(tensors) == L * kSlots && n(kernels) == L * kProducts && n(lora_kernels) == L * kProducts &&
+                  n(gates) == L * kProducts &&
                   n(scalars) == L * kProducts * kProductScalars && n(membranes) == L * kNeurons &&
                   n(lif) == L * kLifSettings,
-              "decode_blocks: ", L, " blocks need ", L * kSlots, " tensors, ", L * kProducts, " product kernels and gates, ",
+              "decode_blocks: ", L, " blocks need ", L * kSlots, " tensors, ", L * kProducts, " product kernels, adapter kernels and gates, ",
               L * kProducts * kProductScalars, " product scalars, ", L * kNeurons, " membranes and ",
               L * kLifSettings, " LIF settings");
   TORCH_CHECK(att_shift.sizes() == ffn_shift.sizes() && att_shift.dim() == 3 && att_shift.size(1) == B &&
@@ -329,7 +338,7 @@ std::vector<torch::Tensor> decode_blocks_cpu(torch::Tensor x, Tensors tensors, s
   auto wkv_next = into.empty() ? torch::empty(wkv.sizes(), wkv.options()) : into[2];
   const auto att_in = contiguous(att_shift), ffn_in = contiguous(ffn_shift), wkv_in = contiguous(wkv);
   std::vector<torch::Tensor> next_membranes(L * kNeurons), gated(record ? L * kProducts : 0);
-  Step step{tensors, kernels, gates, scalars, membranes, next_membranes, gated, record};
+  Step step{tensors, kernels, lora_kernels, gates, scalars, membranes, next_membranes, gated, record};
   const std::vector<int64_t> normalized{C}, rows{B, C};
   const int64_t row = B * C;
   // The blocks, with activations of the step's dtype D.

@@ -35,7 +35,8 @@ torch::Tensor amx_linear_cpu(torch::Tensor x, torch::Tensor packed, int64_t N, s
 int64_t read_bytes_cpu(std::vector<torch::Tensor> tensors);
 // One recurrent step through a stack of blocks (decode_cpu.cpp).
 std::vector<torch::Tensor> decode_blocks_cpu(torch::Tensor x, std::vector<std::optional<torch::Tensor>> tensors,
-                                             std::vector<int64_t> kernels, std::vector<int64_t> gates,
+                                             std::vector<int64_t> kernels, std::vector<int64_t> lora_kernels,
+                                             std::vector<int64_t> gates,
                                              std::vector<double> scalars, torch::Tensor att_shift,
                                              torch::Tensor ffn_shift, torch::Tensor wkv,
                                              std::vector<std::optional<torch::Tensor>> membranes,
@@ -169,7 +170,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "the bitwise OR of every byte of the tensors (contiguous, cpu), each byte read once by the threads: "
         "a pass over memory that does nothing else");
   m.def("decode_blocks", &decode_blocks_cpu,
-        "one token through a stack of SpikeGPT blocks (cpu): (x[B,C], tensors, product kernels, gates, product scalars, "
+        "one token through a stack of SpikeGPT blocks (cpu): (x[B,C], tensors, product kernels, adapter kernels, "
+        "gates, product scalars, "
         "att_shift[L,B,C], ffn_shift[L,B,C], wkv[L,B,3,C], membranes, lif settings, eps, record, into: [] or the "
         "3 tensors for the next att_shift, ffn_shift, wkv) -> "
         "(x, att_shift, ffn_shift, wkv, *membranes, *gated)");
