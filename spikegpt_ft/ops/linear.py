@@ -73,7 +73,7 @@ def stream_kernel() -> str:
 def stream_prefetch() -> str:
     """How the streaming kernel prefetches weights that come from memory on this machine: ``l1-2k`` (2 KiB ahead
     into the L1 cache), ``l2-16k`` (16 KiB ahead into the L2) or ``none`` (no vector kernel). Measured once per
-    process, at the first call (about 30 ms), since the faster one depends on the machine; it changes no value."""
+    process, at the first call (about 45 ms), since the faster one depends on the machine; it changes no value."""
     return extension().stream_prefetch()
 
 

@@ -434,28 +434,33 @@ void flush_from_caches(void* p, int64_t n) {
 
 // The index of the fastest of kPrefetches on this machine: one row of x by a 24 MiB bfloat16 weight (768 wide,
 // the model's width) through the best vector kernel and the threads, the weight flushed from the caches before
-// each pass, the candidates alternating for three rounds; each candidate's fastest pass counts, a tie keeps the
-// first. About 30 ms, once per process (on the Intel Xeon of BENCHMARKS.md the passes took 1.46 - 1.60 ms with
-// "l1-2k" and 1.15 - 1.22 ms with "l2-16k" in four processes).
+// each pass. Five rounds, each timing every candidate once (in an order that turns from round to round) and
+// giving its vote to the fastest; most votes win, a tie keeps the first. A vote per round, not each candidate's
+// fastest pass: a disturbance of the machine lasting a round then costs one vote, where before it could decide
+// (one process in 39 of BENCHMARKS.md's runs had chosen "l1-2k" on the Intel Xeon, its step 1.3 x slower). 40 -
+// 51 ms, once per process (there the passes took 1.33 - 1.92 ms with "l1-2k" and 1.07 - 1.55 ms with "l2-16k",
+// 18 processes).
 int calibrate_prefetch() {
   const auto kernel = vector_kernel();
   if (!kernel) return 0;  // the portable kernel does not prefetch
-  constexpr int64_t N = 16 * 1024, K = 768, kRounds = 3;
+  constexpr int64_t N = 16 * 1024, K = 768, kRounds = 5;
   std::vector<uint16_t> weight(N * K, 0x3f80);  // bfloat16 1.0, written so that every page is there
   std::vector<float> x(K, 1.0f), out(N);
-  std::vector<double> best(kPrefetchCount, 1e30);
+  std::vector<int> votes(kPrefetchCount, 0);
   for (int round = 0; round < kRounds; ++round) {
-    for (int c = 0; c < kPrefetchCount; ++c) {
+    std::vector<double> took(kPrefetchCount);
+    for (int i = 0; i < kPrefetchCount; ++i) {
+      const int c = (i + round) % kPrefetchCount;
       flush_from_caches(weight.data(), N * K * static_cast<int64_t>(sizeof(uint16_t)));
       const auto start = std::chrono::steady_clock::now();
       run_stream(StreamArgs<uint16_t, float>{x.data(), weight.data(), nullptr, nullptr, out.data(), 1, N, K,
                                              &kPrefetches[c]},
                  *kernel);
-      const std::chrono::duration<double> took = std::chrono::steady_clock::now() - start;
-      best[c] = std::min(best[c], took.count());
+      took[c] = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
     }
+    ++votes[std::min_element(took.begin(), took.end()) - took.begin()];
   }
-  return static_cast<int>(std::min_element(best.begin(), best.end()) - best.begin());
+  return static_cast<int>(std::max_element(votes.begin(), votes.end()) - votes.begin());
 }
 
 // The prefetch set by `set_stream_prefetch`, or -1 for the calibrated one.
