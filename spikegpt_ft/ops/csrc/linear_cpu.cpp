@@ -437,7 +437,7 @@ void flush_from_caches(void* p, int64_t n) {
 // each pass. Five rounds, each timing every candidate once (in an order that turns from round to round) and
 // giving its vote to the fastest; most votes win, a tie keeps the first. A vote per round, not each candidate's
 // fastest pass: a disturbance of the machine lasting a round then costs one vote, where before it could decide
-// (one process in 39 of BENCHMARKS.md's runs had chosen "l1-2k" on the Intel Xeon, its step 1.3 x slower). 40 -
+// (one of 45 bench processes of BENCHMARKS.md had chosen "l1-2k" on the Intel Xeon, its step 1.3 x slower). 40 -
 // 51 ms, once per process (there the passes took 1.33 - 1.92 ms with "l1-2k" and 1.07 - 1.55 ms with "l2-16k",
 // 18 processes).
 int calibrate_prefetch() {
