@@ -301,11 +301,11 @@ std::vector<torch::Tensor> decode_blocks_cpu(torch::Tensor x, Tensors tensors, s
   TORCH_CHECK(x.dim() == 2 && x.device().is_cpu(), "decode_blocks: x must be [B, C] on the CPU");
   const auto n = [](const auto& v) { return static_cast<int64_t>(v.size()); };
   TORCH_CHECK(n(tensors) == L * kSlots && n(kernels) == L * kProducts && n(lora_kernels) == L * kProducts &&
-                  n(gates) == L * kProducts &&
-                  n(scalars) == L * kProducts * kProductScalars && n(membranes) == L * kNeurons &&
+                  n(gates) == L * kProducts && n(scalars) == L * kProducts * kProductScalars &&
+                  n(membranes) == L * kNeurons &&
                   n(lif) == L * kLifSettings,
-              "decode_blocks: ", L, " blocks need ", L * kSlots, " tensors, ", L * kProducts, " product kernels, adapter kernels and gates, ",
-              L * kProducts * kProductScalars, " product scalars, ", L * kNeurons, " membranes and ",
+              "decode_blocks: ", L, " blocks need ", L * kSlots, " tensors, ", L * kProducts,
+              " product kernels, adapter kernels and gates, ", L * kProducts * kProductScalars, " product scalars, ", L * kNeurons, " membranes and ",
               L * kLifSettings, " LIF settings");
   TORCH_CHECK(att_shift.sizes() == ffn_shift.sizes() && att_shift.dim() == 3 && att_shift.size(1) == B &&
                   att_shift.size(2) == C && wkv.dim() == 4 && wkv.size(0) == L && wkv.size(1) == B &&

@@ -325,8 +325,9 @@ void check_inputs(const torch::Tensor& x, const torch::Tensor& weight, const std
 }
 
 // The conversions of every product's small operands to float32 are loops (cpu_floats.h, float_rows) rather
-// than ATen ops, for each of the step's 127 products. On the EPYC of the comment at the top, torch.profiler counted 472 conversions
-// (aten::_to_copy) per token in the int8 216M step with ATen's, 218 with these, as many as in the bf16 step.
+// than ATen ops, for each of the step's 127 products. On the EPYC of the comment at the top, torch.profiler counted
+// 472 conversions (aten::_to_copy) per token in the int8 216M step with ATen's, 218 with these, as many as in the
+// bf16 step.
 
 // A scale or bias as float32 values (none for none).
 cpu_floats::Floats as_floats(const std::optional<torch::Tensor>& t) { return t ? floats_of(*t) : cpu_floats::Floats{}; }
@@ -521,13 +522,15 @@ void set_stream_prefetch_cpu(const std::string& name) {
     forced_prefetch.store(-1);
     return;
   }
+  std::string known = "auto";
   for (int c = 0; c < kPrefetchCount; ++c) {
     if (name == kPrefetches[c].name) {
       forced_prefetch.store(c);
       return;
     }
+    known += std::string(", ") + kPrefetches[c].name;
   }
-  TORCH_CHECK(false, "set_stream_prefetch: unknown prefetch '", name, "' (auto, l1-2k or l2-16k)");
+  TORCH_CHECK(false, "set_stream_prefetch: unknown prefetch '", name, "' (", known, ")");
 }
 
 // x: [M, K] float32 or bfloat16; weight: [N, K] bfloat16, or int8 with scale [N]; bias: [N].
