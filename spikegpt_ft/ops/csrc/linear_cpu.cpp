@@ -11,8 +11,9 @@
 // limits int8 weights and four rows), an AVX2+FMA one and a portable one; the best the CPU runs is chosen at run
 // time, and `spikegpt_ft.ops.linear` chooses where the streaming kernel runs at all.
 //
-// Where the weights come from memory (up to four rows of x), both vector kernels read one weight row at a time,
-// so that the weights arrive as one sequential stream, with a software prefetch ahead of it (`Prefetch`: how far
+// Where the weights come from memory (up to four rows of x), both vector kernels read one weight row at a time
+// (the AVX-512 one two neighbouring rows for int8 weights and one row of x: `Avx512`), so that the weights arrive
+// as one sequential stream, with a software prefetch ahead of it (`Prefetch`: how far
 // ahead and into which cache is measured on the machine itself, once per process). Where they come from the cache
 // (more rows), the AVX-512 kernel takes 4 to 8 weight rows at a time, so that they share each vector of x.
 // bfloat16 weights are widened by a shift (the even elements) and a mask (the odd ones), against x laid out the
@@ -203,6 +204,8 @@ AVX2_TARGET void stream_rows_avx2(const StreamArgs<W, Out>& a, int64_t n) {
 struct Avx2 {
   template <int M>
   static constexpr int kWeightRows = 1;
+  template <int M, typename W>
+  static constexpr int kMemoryRows = 1;
   template <int M, int R, typename W, typename Out>
   static void rows(const StreamArgs<W, Out>& a, int64_t n) { stream_rows_avx2<M, R>(a, n); }
 };
@@ -253,18 +256,25 @@ AVX512_TARGET void stream_rows_avx512(const StreamArgs<W, Out>& a, int64_t n) {
 }
 
 // The AVX-512 kernel: 4 to 8 weight rows at a time where they come from the cache, so that 8 to 16 sums share
-// each vector of x.
+// each vector of x. Where they come from memory, int8 weights by one row of x go two neighbouring rows at a time:
+// an output's sum is a chain of dependent additions, four a cache line of int8, which alone held the product
+// below the speed of memory; two rows make two chains and stay one stream. On the Intel Xeon of BENCHMARKS.md the
+// 216M model's int8 products of one row took 1.32 - 1.49 x the read with two rows, 1.41 - 1.58 x with one (four
+// alternating scratch sets), and its step 8.94 - 9.07 ms against 9.18 - 9.33 ms (three); bfloat16 (two additions
+// a line) ran alike either way and stays at one.
 struct Avx512 {
   template <int M>
   static constexpr int kWeightRows = M == 1 ? 8 : 4;
+  template <int M, typename W>
+  static constexpr int kMemoryRows = M == 1 && sizeof(W) == 1 ? 2 : 1;
   template <int M, int R, typename W, typename Out>
   static void rows(const StreamArgs<W, Out>& a, int64_t n) { stream_rows_avx512<M, R>(a, n); }
 };
 
-// Weight rows [n0, n1) by a.M <= 4 rows of x with one vector kernel. Where the weights come from memory, one
-// weight row after the other, so that they arrive as one sequential stream with the software prefetch ahead of it
-// (several rows at a time are several streams, which read slower); where they come from the cache,
-// Isa::kWeightRows rows at a time, then one by one. A row's sums are the same either way. The row kernels carry
+// Weight rows [n0, n1) by a.M <= 4 rows of x with one vector kernel. Where the weights come from memory,
+// Isa::kMemoryRows neighbouring rows at a time (mostly one), so that they arrive as one sequential stream with the
+// software prefetch ahead of it (rows far apart are several streams, which read slower); where they come from the
+// cache, Isa::kWeightRows rows at a time; then one by one. A row's sums are the same either way. The row kernels carry
 // their instruction set's target attribute (a shared template could only carry both, and then emit AVX-512 into
 // the AVX2 kernel), so they stay apart; this loop is common.
 template <typename Isa, int M, typename W, typename Out>
@@ -273,6 +283,9 @@ void stream_vector_m(const StreamArgs<W, Out>& a, int64_t n0, int64_t n1) {
   int64_t n = n0;
   if (a.prefetch == nullptr) {
     for (; n + R <= n1; n += R) Isa::template rows<M, R>(a, n);
+  } else {
+    constexpr int kMemoryRows = Isa::template kMemoryRows<M, W>;
+    for (; n + kMemoryRows <= n1; n += kMemoryRows) Isa::template rows<M, kMemoryRows>(a, n);
   }
   for (; n < n1; ++n) Isa::template rows<M, 1>(a, n);
 }
