@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from spikegpt_ft.ops import extension
+from spikegpt_ft.ops import extension, linear
 
 KERNELS = extension().linear_kernels()
 #: Half an ulp of bfloat16 (8 significant bits), relative.
@@ -95,6 +95,18 @@ def test_every_prefetch_gives_the_same_bits(kernel, kind, restore_prefetch):
 def test_an_unknown_prefetch_is_refused(restore_prefetch):
     with pytest.raises(RuntimeError, match="unknown prefetch 'l3'"):
         extension().set_stream_prefetch("l3")
+
+
+@pytest.mark.skipif(KERNELS == ["portable"], reason="only the vector kernels prefetch")
+def test_the_package_fixes_the_prefetch_and_gives_the_measured_one_back(restore_prefetch):
+    measured = linear.stream_prefetch()
+    other = next(p for p in PREFETCHES if p != measured)
+    linear.set_stream_prefetch(other)
+    assert linear.stream_prefetch() == other
+    linear.set_stream_prefetch("auto")
+    assert linear.stream_prefetch() == measured
+    with pytest.raises(RuntimeError, match=r"unknown prefetch 'l2' \(auto, l1-2k, l2-16k\)"):
+        linear.set_stream_prefetch("l2")
 
 
 def test_bad_calls_are_refused_clearly():

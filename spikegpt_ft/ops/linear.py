@@ -73,8 +73,17 @@ def stream_kernel() -> str:
 def stream_prefetch() -> str:
     """How the streaming kernel prefetches weights that come from memory on this machine: ``l1-2k`` (2 KiB ahead
     into the L1 cache), ``l2-16k`` (16 KiB ahead into the L2) or ``none`` (no vector kernel). Measured once per
-    process, at the first call (about 45 ms), since the faster one depends on the machine; it changes no value."""
+    process, at the first call (34 - 44 ms on the Intel Xeon of BENCHMARKS.md), since the faster one depends on the
+    machine; it changes no value."""
     return extension().stream_prefetch()
+
+
+def set_stream_prefetch(name: str) -> None:
+    """Use the prefetch ``name`` (``l1-2k`` or ``l2-16k``) from now on in this process, or the measured one again
+    (``auto``); an unknown name is refused. The measurement chose the slower one in about one process in a hundred
+    on the Intel Xeon of BENCHMARKS.md (its steps 1.3 x slower), so a deployment that knows its machine can fix
+    the choice. It changes no value, only the speed."""
+    extension().set_stream_prefetch(name)
 
 
 def product_kernel(rows: int, weight_dtype: torch.dtype) -> str:

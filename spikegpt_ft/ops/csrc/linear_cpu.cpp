@@ -448,31 +448,37 @@ void flush_from_caches(void* p, int64_t n) {
 
 // The index of the fastest of kPrefetches on this machine: one row of x by a 24 MiB bfloat16 weight (768 wide,
 // the model's width) through the best vector kernel and the threads, the weight flushed from the caches before
-// each pass. Five rounds, each timing every candidate once (in an order that turns from round to round) and
-// giving its vote to the fastest; most votes win, a tie keeps the first. A vote per round, not each candidate's
-// fastest pass: a disturbance of the machine lasting a round then costs one vote, where before it could decide
-// (one of 45 bench processes of BENCHMARKS.md had chosen "l1-2k" on the Intel Xeon, its step 1.3 x slower). 40 -
-// 51 ms, once per process (there the passes took 1.33 - 1.92 ms with "l1-2k" and 1.07 - 1.55 ms with "l2-16k",
-// 18 processes).
+// each pass. After one pass that is not timed (it starts the threads and warms the code: the first pass took up to
+// 2.4 x the others), rounds that each time every candidate once (in an order that turns from round to round) and
+// give a vote to the fastest, until one candidate holds most of kRounds votes (after all of them, a tie keeps the
+// first). A vote per round, not each candidate's fastest pass: a disturbance of the machine lasting a round then
+// costs one vote, where before it could decide. On the Intel Xeon of BENCHMARKS.md the passes take 1.02 - 1.31 ms
+// (5 - 95 %) with "l1-2k" and 0.87 - 1.09 ms with "l2-16k" (100 scratch processes), and the calibration 34 - 44
+// ms; still, 1 of 100 processes chose "l1-2k" (2 of 54 with five rounds and no untimed pass), its steps then
+// 1.3 x slower. `set_stream_prefetch` fixes the choice where that matters.
 int calibrate_prefetch() {
   const auto kernel = vector_kernel();
   if (!kernel) return 0;  // the portable kernel does not prefetch
-  constexpr int64_t N = 16 * 1024, K = 768, kRounds = 5;
+  constexpr int64_t N = 16 * 1024, K = 768, kRounds = 9;
   std::vector<uint16_t> weight(N * K, 0x3f80);  // bfloat16 1.0, written so that every page is there
   std::vector<float> x(K, 1.0f), out(N);
+  const auto pass = [&](int c) {
+    flush_from_caches(weight.data(), N * K * static_cast<int64_t>(sizeof(uint16_t)));
+    const auto start = std::chrono::steady_clock::now();
+    run_stream(StreamArgs<uint16_t, float>{x.data(), weight.data(), nullptr, nullptr, out.data(), 1, N, K,
+                                           &kPrefetches[c]},
+               *kernel);
+    return std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+  };
+  pass(0);
   std::vector<int> votes(kPrefetchCount, 0);
   for (int round = 0; round < kRounds; ++round) {
     std::vector<double> took(kPrefetchCount);
     for (int i = 0; i < kPrefetchCount; ++i) {
       const int c = (i + round) % kPrefetchCount;
-      flush_from_caches(weight.data(), N * K * static_cast<int64_t>(sizeof(uint16_t)));
-      const auto start = std::chrono::steady_clock::now();
-      run_stream(StreamArgs<uint16_t, float>{x.data(), weight.data(), nullptr, nullptr, out.data(), 1, N, K,
-                                             &kPrefetches[c]},
-                 *kernel);
-      took[c] = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+      took[c] = pass(c);
     }
-    ++votes[std::min_element(took.begin(), took.end()) - took.begin()];
+    if (++votes[std::min_element(took.begin(), took.end()) - took.begin()] > kRounds / 2) break;
   }
   return static_cast<int>(std::max_element(votes.begin(), votes.end()) - votes.begin());
 }
