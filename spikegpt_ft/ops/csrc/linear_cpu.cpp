@@ -13,11 +13,10 @@
 //
 // Where the weights come from memory (up to four rows of x), both vector kernels read one weight row at a time
 // (the AVX-512 one two neighbouring rows for int8 weights and one row of x: `Avx512`), so that the weights arrive
-// as one sequential stream, with a software prefetch ahead of it (`Prefetch`: how far
-// ahead and into which cache is measured on the machine itself, once per process). Where they come from the cache
-// (more rows), the AVX-512 kernel takes 4 to 8 weight rows at a time, so that they share each vector of x.
-// bfloat16 weights are widened by a shift (the even elements) and a mask (the odd ones), against x laid out the
-// same way once per call.
+// as one sequential stream, with a software prefetch ahead of it (`Prefetch`: how far ahead and into which cache
+// is measured on the machine itself, once per process). Where they come from the cache (more rows), the AVX-512
+// kernel takes 4 to 8 weight rows at a time, so that they share each vector of x. bfloat16 weights are widened by a
+// shift (the even elements) and a mask (the odd ones), against x laid out the same way once per call.
 // - The AVX2 kernel (16 weights a step, two sums per output): on an AMD EPYC with AVX2 (2 cores) one row went
 //   from 1.53 - 1.67 x to 0.99 - 1.00 x the time of a 64-bit-word `max` over the weights in bf16 and from 2.35 -
 //   2.37 x to 1.49 - 1.62 x in int8, against several rows at a time; at 64 rows, where the products are
@@ -274,9 +273,9 @@ struct Avx512 {
 // Weight rows [n0, n1) by a.M <= 4 rows of x with one vector kernel. Where the weights come from memory,
 // Isa::kMemoryRows neighbouring rows at a time (mostly one), so that they arrive as one sequential stream with the
 // software prefetch ahead of it (rows far apart are several streams, which read slower); where they come from the
-// cache, Isa::kWeightRows rows at a time; then one by one. A row's sums are the same either way. The row kernels carry
-// their instruction set's target attribute (a shared template could only carry both, and then emit AVX-512 into
-// the AVX2 kernel), so they stay apart; this loop is common.
+// cache, Isa::kWeightRows rows at a time; then one by one. A row's sums are the same either way. The row kernels
+// carry their instruction set's target attribute (a shared template could only carry both, and then emit AVX-512
+// into the AVX2 kernel), so they stay apart; this loop is common.
 template <typename Isa, int M, typename W, typename Out>
 void stream_vector_m(const StreamArgs<W, Out>& a, int64_t n0, int64_t n1) {
   constexpr int R = Isa::template kWeightRows<M>;
@@ -454,7 +453,7 @@ void flush_from_caches(void* p, int64_t n) {
 // first). A vote per round, not each candidate's fastest pass: a disturbance of the machine lasting a round then
 // costs one vote, where before it could decide. On the Intel Xeon of BENCHMARKS.md the passes take 1.02 - 1.31 ms
 // (5 - 95 %) with "l1-2k" and 0.87 - 1.09 ms with "l2-16k" (100 scratch processes), and the calibration 34 - 44
-// ms; still, 1 of 100 processes chose "l1-2k" (2 of 54 with five rounds and no untimed pass), its steps then
+// ms; still, 1 of 124 processes chose "l1-2k" (2 of 54 with five rounds and no untimed pass), its steps then
 // 1.3 x slower. `set_stream_prefetch` fixes the choice where that matters.
 int calibrate_prefetch() {
   const auto kernel = vector_kernel();
