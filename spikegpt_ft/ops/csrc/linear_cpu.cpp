@@ -453,8 +453,11 @@ void flush_from_caches(void* p, int64_t n) {
 // first). A vote per round, not each candidate's fastest pass: a disturbance of the machine lasting a round then
 // costs one vote, where before it could decide. On the Intel Xeon of BENCHMARKS.md the passes take 1.02 - 1.31 ms
 // (5 - 95 %) with "l1-2k" and 0.87 - 1.09 ms with "l2-16k" (100 scratch processes), and the calibration 34 - 44
-// ms; still, 1 of 124 processes chose "l1-2k" (2 of 54 with five rounds and no untimed pass), its steps then
-// 1.3 x slower. `set_stream_prefetch` fixes the choice where that matters.
+// ms. Still, 3 of 274 processes chose "l1-2k" (2 of 54 with five rounds and no untimed pass), and in the two of
+// them that then measured both on a 600 MB weight, "l2-16k" was the faster there too (25.5 - 26.4 ms against 28.4
+// - 29.8): the calibration's own weight misled them. A vote only for a margin of 5 % (against disturbances that
+// last the whole calibration) still chose "l1-2k" in 1 of 150, and was not kept. `set_stream_prefetch` fixes the
+// choice where that matters.
 int calibrate_prefetch() {
   const auto kernel = vector_kernel();
   if (!kernel) return 0;  // the portable kernel does not prefetch
