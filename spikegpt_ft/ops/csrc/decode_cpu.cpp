@@ -302,11 +302,10 @@ std::vector<torch::Tensor> decode_blocks_cpu(torch::Tensor x, Tensors tensors, s
   const auto n = [](const auto& v) { return static_cast<int64_t>(v.size()); };
   TORCH_CHECK(n(tensors) == L * kSlots && n(kernels) == L * kProducts && n(lora_kernels) == L * kProducts &&
                   n(gates) == L * kProducts && n(scalars) == L * kProducts * kProductScalars &&
-                  n(membranes) == L * kNeurons &&
-                  n(lif) == L * kLifSettings,
+                  n(membranes) == L * kNeurons && n(lif) == L * kLifSettings,
               "decode_blocks: ", L, " blocks need ", L * kSlots, " tensors, ", L * kProducts,
-              " product kernels, adapter kernels and gates, ", L * kProducts * kProductScalars, " product scalars, ", L * kNeurons, " membranes and ",
-              L * kLifSettings, " LIF settings");
+              " product kernels, adapter kernels and gates, ", L * kProducts * kProductScalars, " product scalars, ",
+              L * kNeurons, " membranes and ", L * kLifSettings, " LIF settings");
   TORCH_CHECK(att_shift.sizes() == ffn_shift.sizes() && att_shift.dim() == 3 && att_shift.size(1) == B &&
                   att_shift.size(2) == C && wkv.dim() == 4 && wkv.size(0) == L && wkv.size(1) == B &&
                   wkv.size(2) == 3 && wkv.size(3) == C,
