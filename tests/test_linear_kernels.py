@@ -124,6 +124,71 @@ def test_bad_calls_are_refused_clearly():
         extension().stream_linear(x, w, None, torch.zeros(3), "auto")
 
 
+integers = pytest.mark.skipif("avx512-vnni" not in KERNELS, reason="this CPU has no AVX512-VNNI")
+
+
+def _bfloat16_rows(rows: int, k: int, binades: int, seed: int) -> torch.Tensor:
+    """bfloat16 rows whose magnitudes span ``binades`` powers of two: 2^e (1 + u), e uniform, random signs."""
+    g = torch.Generator().manual_seed(seed)
+    exponent = torch.randint(-binades // 2, binades - binades // 2, (rows, k), generator=g).double()
+    magnitude = (1 + torch.rand(rows, k, generator=g, dtype=torch.float64)) * 2.0**exponent
+    sign = torch.where(torch.rand(rows, k, generator=g) < 0.5, -1.0, 1.0).double()
+    return (sign * magnitude).to(torch.bfloat16)
+
+
+INTEGER_SIZES = [(1, 1), (7, 5), (13, 29), (300, 40), (33, 130), (37, 768), (9, 1031), (64, 3072)]
+
+
+@integers
+@pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 17, 64, 130])
+@pytest.mark.parametrize(("n", "k"), INTEGER_SIZES)
+def test_int8_by_bfloat16_rows_is_the_exact_product_rounded(rows, n, k):
+    """int8 weights by bfloat16 rows whose elements lie within 2^14 of each other: the integer kernels (VNNI up to
+    four rows, AMX-INT8 beyond where the CPU has it) sum exactly, so each output is the exact sum times the scale,
+    rounded to double, float32 and bfloat16, bit for bit. The float64 product here is exact too: every term has
+    at most 15 significant bits, and all are multiples of the smallest term's unit within 2^41 of it."""
+    weight, scale, _ = _weights("int8", n, k, seed=n * k)
+    x = _bfloat16_rows(rows, k, binades=13, seed=rows + k)
+    out = extension().stream_linear(x, weight, scale, None, "avx512-vnni")
+    exact = x.double() @ weight.double().T
+    assert torch.equal(out, (exact * scale.double()).float().to(torch.bfloat16))
+
+
+@integers
+@pytest.mark.parametrize("rows", [1, 3, 64])
+@pytest.mark.parametrize(("n", "k"), INTEGER_SIZES)
+def test_int8_by_rows_of_any_range_is_within_half_a_unit_of_22_bits(rows, n, k):
+    """Rows spanning 2^40: each element is rounded to a multiple of 2^(e - 22) (every |x| of the row < 2^e), at most
+    2^-22 of the row's largest away, the sums are exact, then one fused scale and bias and one rounding each to
+    float32 and bfloat16."""
+    weight, scale, w = _weights("int8", n, k, seed=n + k)
+    x = _bfloat16_rows(rows, k, binades=40, seed=rows * k)
+    bias = torch.randn(n, generator=torch.Generator().manual_seed(k)).to(torch.bfloat16)
+    out = extension().stream_linear(x, weight, scale, bias, "avx512-vnni")
+    reference = x.double() @ w.T + bias.double()
+    largest = x.double().abs().amax(dim=1, keepdim=True)
+    bound = 2.0**-22 * largest * w.abs().sum(dim=1) + (BF16_ROUNDING + 2.0**-23) * reference.abs()
+    assert torch.all((out.double() - reference).abs() <= bound)
+
+
+@integers
+def test_int8_products_the_integers_cannot_hold_go_to_the_float32_kernel():
+    """float32 rows (22-bit integers would round them), rows with an infinity or a NaN, and reductions longer than
+    65536 (whose sums would overflow 32 bits) get the float32 kernel's bits."""
+    weight, scale, _ = _weights("int8", 37, 768, seed=1)
+    x = torch.randn(3, 768, generator=torch.Generator().manual_seed(2))
+    cases = [(x, weight, scale), (x.to(torch.bfloat16), weight, scale)]
+    cases[1][0][1, 5] = float("inf")
+    cases[1][0][2, 7] = float("nan")
+    long_weight, long_scale, _ = _weights("int8", 3, 65537, seed=3)
+    cases.append((torch.randn(2, 65537).to(torch.bfloat16), long_weight, long_scale))
+    for rows, w, s in cases:
+        integers_out = extension().stream_linear(rows, w, s, None, "avx512-vnni")
+        float_out = extension().stream_linear(rows, w, s, None, "avx512")
+        torch.testing.assert_close(integers_out, float_out, rtol=0, atol=0, equal_nan=True)
+    assert integers_out.isfinite().all()
+
+
 amx = pytest.mark.skipif(not extension().amx_usable(), reason="this CPU cannot run the AMX kernel (no AMX-BF16)")
 
 

@@ -4,8 +4,9 @@ Decoding one sequence at a time reads every weight once per token, so on a CPU i
 memory. :class:`Linear` is the ``nn.Linear`` every SpikeGPT layer is built from; when it runs on the CPU in
 bfloat16 without gradients its product is chosen by what the CPU can do (:func:`product_kernel`):
 
-- ``stream``: the compiled streaming kernel (``csrc/linear_cpu.cpp``; AVX-512 or AVX2+FMA, the best the CPU
-  has, else portable C++). It reads each weight once and multiplies it with up to four rows of x from registers
+- ``stream``: the compiled streaming kernel (``csrc/linear_cpu.cpp``; AVX-512 (with VNNI, see below) or
+  AVX2+FMA, the best the CPU has, else portable C++). It reads each weight once and multiplies it with up to four
+  rows of x from registers
   (prefetching the weights as measured fastest on the machine: :func:`stream_prefetch`), block by block for
   more rows, so one decoded row gets bit for bit the value it gets in a parallel pass. It runs for any number
   of rows on CPUs without bfloat16 matrix arithmetic, where PyTorch's bfloat16 product is
@@ -18,10 +19,13 @@ bfloat16 without gradients its product is chosen by what the CPU can do (:func:`
   rows on CPUs with AVX512-BF16 but no AMX (oneDNN runs them on those units).
 
 :class:`Int8Linear` stores a weight as int8 with one scale per output channel (symmetric, ``W ~ s * W8``
-with ``s = max|W_row| / 127`` rounded up to bfloat16) and always multiplies with the streaming kernel: half
-the bytes of bfloat16, any width. ``torch.ao.quantization.quantize_dynamic`` also quantises activations,
-and PyTorch's weight-only int8 kernel (``aten._weight_int8pack_mm``) needs widths that are multiples of 16
-and ran at a quarter of the memory's speed here, so neither is used. :mod:`spikegpt_ft.inference.precision`
+with ``s = max|W_row| / 127`` rounded up to bfloat16) and always multiplies with the streaming kernel's entry
+(``stream_linear``): half the bytes of bfloat16, any width. On CPUs with AVX512-VNNI its bfloat16 rows go in as
+integers (``csrc/int8_digits.h``: three byte digits of each row scaled by a power of two) and the sums are exact,
+on VNNI for up to four rows and on AMX-INT8, where the CPU has it, for more (``amx-int8``).
+``torch.ao.quantization.quantize_dynamic`` also quantises activations, and PyTorch's weight-only int8 kernel
+(``aten._weight_int8pack_mm``) needs widths that are multiples of 16 and ran at a quarter of the memory's speed
+here, so neither is used. :mod:`spikegpt_ft.inference.precision`
 converts whole models.
 """
 
@@ -66,8 +70,16 @@ def matrix_kernel() -> str | None:
 
 @functools.cache
 def stream_kernel() -> str:
-    """The streaming kernel this CPU runs: ``avx512`` (AVX-512F), ``avx2`` (AVX2 and FMA) or ``portable``."""
+    """The streaming kernel this CPU runs: ``avx512-vnni`` (``avx512`` with int8 weights in integers),
+    ``avx512`` (AVX-512F), ``avx2`` (AVX2 and FMA) or ``portable``."""
     return extension().linear_kernels()[0]
+
+
+@functools.cache
+def int8_amx_usable() -> bool:
+    """Whether :class:`Int8Linear` products of more than :data:`STREAM_MAX_ROWS` rows run on AMX-INT8 here (the
+    CPU has it and VNNI, the build has the kernel, Linux allows it)."""
+    return stream_kernel() == "avx512-vnni" and bool(extension().amx_int8_usable())
 
 
 def stream_prefetch() -> str:
@@ -88,11 +100,14 @@ def set_stream_prefetch(name: str) -> None:
 
 def product_kernel(rows: int, weight_dtype: torch.dtype) -> str:
     """The product a CPU inference layer uses for ``rows`` rows: ``stream-`` and :func:`stream_kernel`, ``amx``
-    or ``torch``."""
-    if weight_dtype == torch.bfloat16 and rows > STREAM_MAX_ROWS:
-        matrix = matrix_kernel()
-        if matrix is not None:
-            return matrix
+    (bfloat16 weights), ``amx-int8`` (int8 weights) or ``torch``."""
+    if rows > STREAM_MAX_ROWS:
+        if weight_dtype == torch.bfloat16:
+            matrix = matrix_kernel()
+            if matrix is not None:
+                return matrix
+        elif weight_dtype == torch.int8 and int8_amx_usable():
+            return "amx-int8"
     return f"stream-{stream_kernel()}"
 
 

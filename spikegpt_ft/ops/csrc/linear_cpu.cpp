@@ -9,7 +9,9 @@
 // registers, in float32 accumulators; with more rows, a block of weight rows read once serves every group of
 // four rows from the cache. An AVX-512 version (16 lanes: half the instructions per weight of AVX2, which is what
 // limits int8 weights and four rows), an AVX2+FMA one and a portable one; the best the CPU runs is chosen at run
-// time, and `spikegpt_ft.ops.linear` chooses where the streaming kernel runs at all.
+// time, and `spikegpt_ft.ops.linear` chooses where the streaming kernel runs at all. On CPUs with AVX512-VNNI,
+// int8 weights by bfloat16 rows are multiplied in integers instead ("avx512-vnni", int8_digits.h): exact sums, by
+// VNNI for up to four rows and by AMX-INT8 (amx_linear.cpp), where the CPU has it, for more.
 //
 // Where the weights come from memory (up to four rows of x), both vector kernels read one weight row at a time
 // (the AVX-512 one two neighbouring rows for int8 weights and one row of x: `Avx512`), so that the weights arrive
@@ -32,13 +34,14 @@
 // Arithmetic: weights and inputs widened to float32 exactly, products summed in float32 (the same order for
 // an output whatever the number of rows), int8 sums times the row's scale, the bias (float32 of its stored
 // value) added, the result rounded once to the input's dtype. That is what PyTorch's kernels compute, up to
-// the order of the float32 additions.
+// the order of the float32 additions. The integer kernels: see int8_digits.h.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
 #include <algorithm>
 #include <atomic>
 #include <chrono>
+#include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <optional>
@@ -47,6 +50,7 @@
 #include <vector>
 
 #include "cpu_floats.h"
+#include "int8_digits.h"
 
 #if defined(__x86_64__) && defined(__GNUC__)
 #include <immintrin.h>
@@ -119,6 +123,11 @@ struct StreamArgs {
   Out* out;
   int64_t M, N, K;
   const Prefetch* prefetch;
+  // int8 weights by bfloat16 rows on AVX512-VNNI (`Avx512Vnni`): x as digits (int8_digits.h), else null
+  const int8_t* digits = nullptr;
+  const double* units = nullptr;
+  const int64_t* sums = nullptr;
+  int64_t digit_stride = 0;
 };
 
 template <typename W, typename Out>
@@ -270,6 +279,129 @@ struct Avx512 {
   static void rows(const StreamArgs<W, Out>& a, int64_t n) { stream_rows_avx512<M, R>(a, n); }
 };
 
+// int8 weights by bfloat16 rows on CPUs with AVX512-VNNI: integer dot products (int8_digits.h). VPDPBUSD
+// multiplies 64 unsigned bytes by 64 signed ones and adds each four products into a 32-bit lane, exactly, in one
+// instruction, where the float32 kernel above spends three (widen, convert, FMA) on 16 weights; that, not memory,
+// held one row of int8 weights back. The digits are the signed operand; a weight q goes in as the unsigned byte
+// q + 128, and sum_k q_k X_k = sum_j 2^8j sum_k (q_k + 128) d_jk - 128 sum_k X_k.
+using int8_digits::DigitRows;
+using int8_digits::kDigits;
+
+#define VNNI_TARGET __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,fma")))
+
+// The float32 bit patterns of the (up to) 16 bfloat16 values at p, zeros past `count`.
+VNNI_TARGET inline __m512i bf16_bits(const uint16_t* p, int64_t count) {
+  const __mmask16 mask = count >= 16 ? static_cast<__mmask16>(0xffff) : static_cast<__mmask16>((1u << count) - 1);
+  return _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(mask, p)), 16);
+}
+
+// One row of K bfloat16 values as its digits (each of the kDigits rows of `digits` `stride` apart); false where
+// the row holds an infinity or a NaN (whose products only floating point gives).
+VNNI_TARGET bool row_digits(const uint16_t* x, int64_t K, int8_t* digits, int64_t stride, double& unit,
+                            int64_t& sum) {
+  // the largest magnitude, compared as bit patterns (the same order for non-negative floats; -ffast-math may
+  // assume that no value is infinite, so no float comparison would be trusted to see one)
+  const __m512i magnitude = _mm512_set1_epi32(0x7fffffff);
+  __m512i top = _mm512_setzero_si512();
+  for (int64_t k = 0; k < K; k += 16) top = _mm512_max_epi32(top, _mm512_and_si512(bf16_bits(x + k, K - k), magnitude));
+  const int32_t largest = _mm512_reduce_max_epi32(top);
+  if (largest >= 0x7f800000) return false;
+  unit = 1.0;
+  sum = 0;
+  if (largest == 0) return true;  // the digits stay zero
+  const int s = 22 - (std::max(largest >> 23, 1) - 126);  // every |x| < 2^(22 - s)
+  const __m512 power = _mm512_set1_ps(static_cast<float>(s));
+  __m512i sums[kDigits] = {_mm512_setzero_si512(), _mm512_setzero_si512(), _mm512_setzero_si512()};
+  for (int64_t k = 0; k < K; k += 16) {
+    // x 2^s (exact where it is not below the smallest float32), rounded to the nearest integer, ties to even
+    const __m512i X = _mm512_cvtps_epi32(_mm512_scalef_ps(_mm512_castsi512_ps(bf16_bits(x + k, K - k)), power));
+    const __m512i d0 = _mm512_srai_epi32(_mm512_slli_epi32(X, 24), 24);  // the low byte, signed
+    const __m512i X1 = _mm512_srai_epi32(_mm512_sub_epi32(X, d0), 8);
+    const __m512i d1 = _mm512_srai_epi32(_mm512_slli_epi32(X1, 24), 24);
+    const __m512i d[kDigits] = {d0, d1, _mm512_srai_epi32(_mm512_sub_epi32(X1, d1), 8)};
+    for (int j = 0; j < kDigits; ++j) {
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(digits + j * stride + k), _mm512_cvtepi32_epi8(d[j]));
+      sums[j] = _mm512_add_epi32(sums[j], d[j]);
+    }
+  }
+  for (int j = kDigits - 1; j >= 0; --j) sum = sum * 256 + _mm512_reduce_add_epi32(sums[j]);  // sum_k X_k
+  unit = std::ldexp(1.0, -s);
+  return true;
+}
+
+// The digits of x's rows (bfloat16 [M, K]), or none where a row holds an infinity or a NaN.
+std::optional<DigitRows> digit_rows(const uint16_t* x, int64_t M, int64_t K) {
+  const int64_t stride = (K + 63) / 64 * 64;
+  DigitRows rows{std::vector<int8_t>(M * kDigits * stride, 0), std::vector<double>(M), std::vector<int64_t>(M),
+                 stride};
+  for (int64_t m = 0; m < M; ++m) {
+    if (!row_digits(x + m * K, K, rows.digits.data() + m * kDigits * stride, stride, rows.units[m], rows.sums[m]))
+      return std::nullopt;
+  }
+  return rows;
+}
+
+// R weight rows from n by M rows of x, from their digits, 64 weights of a row at a time; the last (partial) block
+// by a masked load, after the loop (a masked load in the loop kept the sums in memory rather than registers).
+// Past K the weights load as zero, q + 128 = 128, against digits that are zero.
+template <int M, int R, typename Out>
+VNNI_TARGET void stream_rows_vnni(const StreamArgs<int8_t, Out>& a, int64_t n) {
+  const int64_t K = a.K, body = K - K % 64;
+  const __m512i flip = _mm512_set1_epi8(static_cast<char>(0x80));  // q + 128 as an unsigned byte
+  __m512i acc[R][M][kDigits];
+  for (int r = 0; r < R; ++r)
+    for (int m = 0; m < M; ++m)
+      for (int j = 0; j < kDigits; ++j) acc[r][m][j] = _mm512_setzero_si512();
+  for (int64_t k = 0; k < body; k += 64) {
+    __m512i u[R];
+    for (int r = 0; r < R; ++r) {
+      if (a.prefetch != nullptr) prefetch_ahead(*a.prefetch, a.w + (n + r) * K + k);
+      u[r] = _mm512_xor_si512(_mm512_loadu_si512(a.w + (n + r) * K + k), flip);
+    }
+    for (int m = 0; m < M; ++m) {
+      for (int j = 0; j < kDigits; ++j) {
+        const __m512i d = _mm512_loadu_si512(a.digits + (m * kDigits + j) * a.digit_stride + k);
+        for (int r = 0; r < R; ++r) acc[r][m][j] = _mm512_dpbusd_epi32(acc[r][m][j], u[r], d);
+      }
+    }
+  }
+  if (body < K) {
+    const __mmask64 mask = (static_cast<__mmask64>(1) << (K - body)) - 1;
+    __m512i u[R];
+    for (int r = 0; r < R; ++r) u[r] = _mm512_xor_si512(_mm512_maskz_loadu_epi8(mask, a.w + (n + r) * K + body), flip);
+    for (int m = 0; m < M; ++m) {
+      for (int j = 0; j < kDigits; ++j) {
+        const __m512i d = _mm512_loadu_si512(a.digits + (m * kDigits + j) * a.digit_stride + body);
+        for (int r = 0; r < R; ++r) acc[r][m][j] = _mm512_dpbusd_epi32(acc[r][m][j], u[r], d);
+      }
+    }
+  }
+  for (int r = 0; r < R; ++r) {
+    for (int m = 0; m < M; ++m) {
+      int64_t sum = 0;  // sum_j 2^8j sum_k (q_k + 128) d_jk
+      for (int j = kDigits - 1; j >= 0; --j) sum = sum * 256 + _mm512_reduce_add_epi32(acc[r][m][j]);
+      a.out[m * a.N + n + r] = static_cast<Out>(int8_digits::output(sum - 128 * a.sums[m], a.units[m], a.scale,
+                                                                     a.bias, n + r));
+    }
+  }
+}
+
+// The integer kernel for int8 weights: one weight row at a time from memory (its three sums are three chains of
+// additions already; on the Intel Xeon of BENCHMARKS.md a 177 MB product of one row took 1.12 x the read on one
+// thread this way, 1.28 x two rows at a time); from the cache, as many as keep the R * M * 3 sums in registers.
+// There, the 216M model's int8 products of one row in model order took 1.35 x the read against the float32
+// kernel's 1.54 x, of four rows 1.96 x against 2.19 x (scratch, both kernels in one process, seven alternating
+// passes each); of more rows, see amx_linear.cpp. VPDPBUSD runs at half the rate of float32 FMAs there, so at four
+// rows the integers are barely ahead, and at 64 rows on VNNI they took 1.4 x as long as the float32 kernel.
+struct Avx512Vnni {
+  template <int M>
+  static constexpr int kWeightRows = M == 1 ? 4 : 2;
+  template <int M, typename W>
+  static constexpr int kMemoryRows = 1;
+  template <int M, int R, typename Out>
+  static void rows(const StreamArgs<int8_t, Out>& a, int64_t n) { stream_rows_vnni<M, R>(a, n); }
+};
+
 // Weight rows [n0, n1) by a.M <= 4 rows of x with one vector kernel. Where the weights come from memory,
 // Isa::kMemoryRows neighbouring rows at a time (mostly one), so that they arrive as one sequential stream with the
 // software prefetch ahead of it (rows far apart are several streams, which read slower); where they come from the
@@ -318,8 +450,18 @@ bool cpu_has_avx512() {
 #endif
 }
 
-// The streaming kernels, best first.
-enum class Kernel { kAvx512, kAvx2, kPortable };
+bool cpu_has_avx512_vnni() {
+#ifdef HAVE_X86_KERNELS
+  static const bool has = cpu_has_avx512() && __builtin_cpu_supports("avx512bw") &&
+                          __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512vnni");
+  return has;
+#else
+  return false;
+#endif
+}
+
+// The streaming kernels, best first (kAvx512Vnni: kAvx512 with int8 weights by bfloat16 rows in integers).
+enum class Kernel { kAvx512Vnni, kAvx512, kAvx2, kPortable };
 
 void check_inputs(const torch::Tensor& x, const torch::Tensor& weight, const std::optional<torch::Tensor>& scale,
                   const std::optional<torch::Tensor>& bias) {
@@ -403,6 +545,17 @@ void run_stream(const StreamArgs<W, Out>& a, Kernel kernel) {
         rows.out = a.out + m0 * a.N;
         rows.M = std::min(kMaxStreamRows, a.M - m0);
 #ifdef HAVE_X86_KERNELS
+        if (kernel == Kernel::kAvx512Vnni) {
+          if constexpr (std::is_same_v<W, int8_t>) {
+            rows.digits = a.digits + m0 * kDigits * a.digit_stride;
+            rows.units = a.units + m0;
+            rows.sums = a.sums + m0;
+            stream_vector<Avx512Vnni>(rows, b0, b1);
+          } else {
+            stream_vector<Avx512>(rows, b0, b1);
+          }
+          continue;
+        }
         if (kernel == Kernel::kAvx512) {
           stream_vector<Avx512>(rows, b0, b1);
           continue;
@@ -420,6 +573,7 @@ void run_stream(const StreamArgs<W, Out>& a, Kernel kernel) {
 
 // The best vector kernel this CPU runs, if any.
 std::optional<Kernel> vector_kernel() {
+  if (cpu_has_avx512_vnni()) return Kernel::kAvx512Vnni;
   if (cpu_has_avx512()) return Kernel::kAvx512;
   if (cpu_has_avx2_fma()) return Kernel::kAvx2;
   return std::nullopt;
@@ -501,27 +655,62 @@ void stream_dispatch(const torch::Tensor& x, const torch::Tensor& w, const float
                      torch::Tensor& out, Kernel kernel) {
   const int64_t M = x.size(0), K = x.size(1), N = w.size(0);
   const W* w_ = reinterpret_cast<const W*>(w.data_ptr());
+#ifdef HAVE_X86_KERNELS
+  // int8 weights by bfloat16 rows in integers; float32 rows keep float32 arithmetic (22-bit integers would round
+  // them), and rows with an infinity or a NaN, or too long a reduction, go to the float32 kernel
+  std::optional<DigitRows> digits;
+  if constexpr (std::is_same_v<W, int8_t>) {
+    if (kernel == Kernel::kAvx512Vnni) {
+      const auto xc = contiguous(x);
+      if (xc.scalar_type() == torch::kBFloat16 && K <= int8_digits::kMaxReduction) {
+        digits = digit_rows(reinterpret_cast<const uint16_t*>(xc.data_ptr()), M, K);
+      }
+      if (!digits) kernel = Kernel::kAvx512;
+    }
+    if (digits && M > kMaxStreamRows && int8_digits::amx_usable()) {  // many rows: the same sums on AMX-INT8
+      if (out.scalar_type() == torch::kFloat32) {
+        int8_digits::amx_product(*digits, M, w_, N, K, s, b, out.data_ptr<float>());
+      } else {
+        int8_digits::amx_product(*digits, M, w_, N, K, s, b, out.data_ptr<at::BFloat16>());
+      }
+      return;
+    }
+  }
+#endif
   // the width of the vector kernels' bfloat16 blocks (widen16, line_vector); int8 and the portable kernel: none
-  const int64_t block = !std::is_same_v<W, uint16_t>  ? 0
-                        : kernel == Kernel::kAvx2     ? 16
-                        : kernel == Kernel::kAvx512   ? 32
-                                                      : 0;
-  const auto xf = float_rows(x, block);
+  const int64_t block = !std::is_same_v<W, uint16_t>    ? 0
+                        : kernel == Kernel::kAvx2       ? 16
+                        : kernel == Kernel::kAvx512     ? 32
+                        : kernel == Kernel::kAvx512Vnni ? 32
+                                                        : 0;
+  const auto xf = kernel == Kernel::kAvx512Vnni && std::is_same_v<W, int8_t> ? FloatRows{} : float_rows(x, block);
   // one group of rows: one pass over the weights, from memory
   const Prefetch* prefetch = M <= kMaxStreamRows && kernel != Kernel::kPortable ? &stream_prefetch() : nullptr;
+  const auto run = [&](auto args) {
+#ifdef HAVE_X86_KERNELS
+    if (digits) {
+      args.digits = digits->digits.data();
+      args.units = digits->units.data();
+      args.sums = digits->sums.data();
+      args.digit_stride = digits->stride;
+    }
+#endif
+    run_stream(args, kernel);
+  };
   if (out.scalar_type() == torch::kFloat32) {
-    run_stream(StreamArgs<W, float>{xf.data, w_, s, b, out.data_ptr<float>(), M, N, K, prefetch}, kernel);
+    run(StreamArgs<W, float>{xf.data, w_, s, b, out.data_ptr<float>(), M, N, K, prefetch});
   } else {
-    run_stream(StreamArgs<W, at::BFloat16>{xf.data, w_, s, b, out.data_ptr<at::BFloat16>(), M, N, K, prefetch},
-               kernel);
+    run(StreamArgs<W, at::BFloat16>{xf.data, w_, s, b, out.data_ptr<at::BFloat16>(), M, N, K, prefetch});
   }
 }
 
 }  // namespace
 
-// The product kernels this CPU can run, best first: "avx512" (AVX-512F), "avx2" (AVX2 and FMA), "portable".
+// The product kernels this CPU can run, best first: "avx512-vnni" (AVX-512F, BW, VL and VNNI: "avx512" with int8
+// weights by bfloat16 rows in integers), "avx512" (AVX-512F), "avx2" (AVX2 and FMA), "portable".
 std::vector<std::string> linear_kernels_cpu() {
   std::vector<std::string> kernels;
+  if (cpu_has_avx512_vnni()) kernels.emplace_back("avx512-vnni");
   if (cpu_has_avx512()) kernels.emplace_back("avx512");
   if (cpu_has_avx2_fma()) kernels.emplace_back("avx2");
   kernels.emplace_back("portable");
@@ -559,14 +748,17 @@ void set_stream_prefetch_cpu(const std::string& name) {
 torch::Tensor stream_linear_cpu(torch::Tensor x, torch::Tensor weight, std::optional<torch::Tensor> scale,
                                 std::optional<torch::Tensor> bias, const std::string& kernel) {
   check_inputs(x, weight, scale, bias);
-  TORCH_CHECK(kernel == "auto" || kernel == "avx512" || kernel == "avx2" || kernel == "portable",
-              "stream_linear: unknown kernel '", kernel, "' (auto, avx512, avx2 or portable)");
+  TORCH_CHECK(kernel == "auto" || kernel == "avx512-vnni" || kernel == "avx512" || kernel == "avx2" ||
+                  kernel == "portable",
+              "stream_linear: unknown kernel '", kernel, "' (auto, avx512-vnni, avx512, avx2 or portable)");
+  TORCH_CHECK(kernel != "avx512-vnni" || cpu_has_avx512_vnni(), "stream_linear: this CPU has no AVX512-VNNI");
   TORCH_CHECK(kernel != "avx512" || cpu_has_avx512(), "stream_linear: this CPU has no AVX-512");
   TORCH_CHECK(kernel != "avx2" || cpu_has_avx2_fma(), "stream_linear: this CPU has no AVX2 and FMA");
-  const Kernel chosen = kernel == "avx512"     ? Kernel::kAvx512
-                        : kernel == "avx2"     ? Kernel::kAvx2
-                        : kernel == "portable" ? Kernel::kPortable
-                                               : vector_kernel().value_or(Kernel::kPortable);
+  const Kernel chosen = kernel == "avx512-vnni" ? Kernel::kAvx512Vnni
+                        : kernel == "avx512"    ? Kernel::kAvx512
+                        : kernel == "avx2"      ? Kernel::kAvx2
+                        : kernel == "portable"  ? Kernel::kPortable
+                                                : vector_kernel().value_or(Kernel::kPortable);
   const auto w = contiguous(weight);
   const auto sf = as_floats(scale), bf = as_floats(bias);
   auto out = torch::empty({x.size(0), w.size(0)}, x.options());

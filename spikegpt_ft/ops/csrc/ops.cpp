@@ -29,6 +29,9 @@ std::string stream_prefetch_cpu();
 void set_stream_prefetch_cpu(const std::string& name);
 // The products of many rows with bfloat16 weights on AMX (amx_linear.cpp).
 bool amx_usable_cpu();
+namespace int8_digits {
+bool amx_usable();  // int8 weights by many bfloat16 rows on AMX-INT8 (amx_linear.cpp, int8_digits.h)
+}
 torch::Tensor amx_pack_weight_cpu(torch::Tensor weight);
 torch::Tensor amx_linear_cpu(torch::Tensor x, torch::Tensor packed, int64_t N, std::optional<torch::Tensor> bias);
 // A pass that only reads memory, the limit of CPU decoding (memory_cpu.cpp).
@@ -155,13 +158,15 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("linear_kernels", &linear_kernels_cpu, "the streaming product kernels this CPU runs, best first");
   m.def("stream_linear", &stream_linear_cpu,
         "linear, streaming the weights (cpu): (x[M,K], weight[N,K] bf16 or int8, scale[N] (int8) or None, "
-        "bias[N] or None, kernel 'auto'|'avx512'|'avx2'|'portable') -> y[M,N] in x's dtype");
+        "bias[N] or None, kernel 'auto'|'avx512-vnni'|'avx512'|'avx2'|'portable') -> y[M,N] in x's dtype");
   m.def("stream_prefetch", &stream_prefetch_cpu,
         "how stream_linear prefetches weights from memory on this machine, measured at the first call: "
         "'l1-2k', 'l2-16k', or 'none' (no vector kernel)");
   m.def("set_stream_prefetch", &set_stream_prefetch_cpu,
         "use one of stream_prefetch's prefetches from now on, or the measured one again ('auto')");
   m.def("amx_usable", &amx_usable_cpu, "whether this CPU, build and OS run the AMX product");
+  m.def("amx_int8_usable", &int8_digits::amx_usable,
+        "whether this CPU, build and OS run stream_linear's int8 products of more than four bf16 rows on AMX-INT8");
   m.def("amx_pack_weight", &amx_pack_weight_cpu,
         "a bf16 weight[N,K] laid out for amx_linear: [ceil(N/32), ceil(K/32), 2, 16, 16, 2], zero-padded");
   m.def("amx_linear", &amx_linear_cpu,
