@@ -84,6 +84,16 @@ struct alignas(64) TileConfig {
   uint8_t rows[16] = {};
 };
 
+// This thread's eight tiles, each 16 rows of 64 bytes (both products use all of them so).
+__attribute__((target("amx-tile"))) void configure_tiles() {
+  TileConfig config;
+  for (int t = 0; t < 8; ++t) {
+    config.rows[t] = 16;
+    config.colsb[t] = 64;
+  }
+  _tile_loadconfig(&config);
+}
+
 // Rows [32 mp, 32 mp + 32) (one tile of them if `two_m` is false) by one pair of weight tiles over the whole
 // reduction; the four 16 x 16 float32 results in c, tile (m, n) at (2 m + n) * 256.
 template <bool two_m>
@@ -126,12 +136,7 @@ struct Product {
 
 // Pairs [p0, p1) of weight tiles, on this thread's tiles.
 AMX_TARGET void run_pairs(const Product& q, int64_t p0, int64_t p1) {
-  TileConfig config;
-  for (int t = 0; t < 8; ++t) {
-    config.rows[t] = 16;
-    config.colsb[t] = 64;
-  }
-  _tile_loadconfig(&config);
+  configure_tiles();
   alignas(64) float c[4 * 256];
   for (int64_t p = p0; p < p1; ++p) {
     const uint16_t* w = q.w + p * q.blocks * kPairBlockElems;
@@ -259,12 +264,7 @@ struct DigitProduct {
 // Pairs [p0, p1) of 16 output channels, on this thread's tiles.
 template <typename Out>
 AMX_INT8_TARGET void digit_pairs(const DigitProduct& q, Out* out, int64_t p0, int64_t p1) {
-  TileConfig config;
-  for (int t = 0; t < 8; ++t) {
-    config.rows[t] = 16;
-    config.colsb[t] = 64;
-  }
-  _tile_loadconfig(&config);
+  configure_tiles();
   std::vector<int32_t> sums(kPairN * q.columns);
   alignas(64) int8_t edge[2][kTileBytes];
   const int64_t column_tiles = q.columns / kTileN;
