@@ -155,6 +155,19 @@ def test_int8_by_bfloat16_rows_is_the_exact_product_rounded(rows, n, k):
 
 
 @integers
+def test_many_rows_go_in_panels_with_the_same_bits():
+    """More rows than one panel of AMX-INT8 B tiles holds (96 rows at a 3072-wide reduction): each row still gets
+    the exact product rounded, the same bits as alone (VNNI), across the panels' edges."""
+    weight, scale, _ = _weights("int8", 45, 3072, seed=11)
+    x = _bfloat16_rows(250, 3072, binades=13, seed=12)
+    out = extension().stream_linear(x, weight, scale, None, "avx512-vnni")
+    exact = x.double() @ weight.double().T
+    assert torch.equal(out, (exact * scale.double()).float().to(torch.bfloat16))
+    for i in (0, 95, 96, 191, 192, 249):
+        assert torch.equal(extension().stream_linear(x[i : i + 1], weight, scale, None, "avx512-vnni")[0], out[i])
+
+
+@integers
 @pytest.mark.parametrize("rows", [1, 3, 64])
 @pytest.mark.parametrize(("n", "k"), INTEGER_SIZES)
 def test_int8_by_rows_of_any_range_is_within_half_a_unit_of_22_bits(rows, n, k):

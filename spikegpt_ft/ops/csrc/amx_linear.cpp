@@ -242,28 +242,37 @@ torch::Tensor amx_linear_cpu(torch::Tensor x, torch::Tensor packed, int64_t N, s
 // (kDigits per row of x) the B tiles, laid out once per call as TDPBSSD reads B: for each 64-wide block of the
 // reduction and 16 digit rows, 16 rows of 4 neighbouring k side by side. The tiles as in the bfloat16 product: for
 // every 32 output channels, the digit rows 32 at a time over the whole reduction (the weight rows read from memory
-// once, then from the cache); their sums in a buffer, then each output from its row's kDigits sums. On the Intel
-// Xeon of BENCHMARKS.md the 216M model's int8 products of 64 rows in model order took 54.6 ms against the float32
-// streaming kernel's 139.1 ms, of five rows 12.4 ms against 26.1 ms (scratch, one process, seven alternating passes).
+// once, then from the cache); their sums in a buffer, then each output from its row's kDigits sums. Many rows go
+// in panels whose B tiles stay in the L2 cache (kPanelBytes), the weights read once per panel. On the Intel Xeon of
+// BENCHMARKS.md the 216M model's int8 products of 64 rows in model order took 54.6 ms against the float32
+// streaming kernel's 139.1 ms, of five rows 12.4 ms against 26.1 ms (scratch, one process, seven alternating
+// passes); 8192 rows by a 768 x 768 weight 25.9 ms with panels, 49.2 ms without, against the float32 kernel's 60.7
+// ms and oneDNN's bfloat16 product's 4.4 ms (the fastest of three calls each). There the tile products take about
+// half the time and the outputs' scalar combination of their sums most of the rest (perf).
 namespace int8_digits {
 namespace {
 
 constexpr int64_t kBlockBytes = 64;   // bytes of the reduction per tile
 constexpr int64_t kTileBytes = 1024;  // 16 rows of 64 bytes
 
+// Rows of x whose B tiles fill at most this many bytes go through the weights together: the B tiles of every pair
+// of output channels then come from the L2 cache (2 MiB per core on the Xeon of BENCHMARKS.md).
+constexpr int64_t kPanelBytes = 1 << 20;
+
+// M rows of x (their digits laid out as B tiles) by the weight, into out[M, N].
 struct DigitProduct {
-  const DigitRows* x;
   const int8_t* w;
   const int8_t* b;  // the B tiles: [block][column tile][16][64]
+  const double* units;
   const float* scale;
   const float* bias;
+  c10::BFloat16* out;
   int64_t M, N, K, blocks, columns;  // columns: digit rows, padded to 32
 };
 
 #ifdef HAVE_AMX_KERNEL
 // Pairs [p0, p1) of 16 output channels, on this thread's tiles.
-template <typename Out>
-AMX_INT8_TARGET void digit_pairs(const DigitProduct& q, Out* out, int64_t p0, int64_t p1) {
+AMX_INT8_TARGET void digit_pairs(const DigitProduct& q, int64_t p0, int64_t p1) {
   configure_tiles();
   std::vector<int32_t> sums(kPairN * q.columns);
   alignas(64) int8_t edge[2][kTileBytes];
@@ -314,7 +323,7 @@ AMX_INT8_TARGET void digit_pairs(const DigitProduct& q, Out* out, int64_t p0, in
       for (int64_t m = 0; m < q.M; ++m) {
         int64_t sum = 0;  // sum_j 2^8j sum_k q_k d_jk
         for (int j = kDigits - 1; j >= 0; --j) sum = sum * 256 + row[m * kDigits + j];
-        out[m * q.N + n0 + i] = static_cast<Out>(output(sum, q.x->units[m], q.scale, q.bias, n0 + i));
+        q.out[m * q.N + n0 + i] = static_cast<c10::BFloat16>(output(sum, q.units[m], q.scale, q.bias, n0 + i));
       }
     }
   }
@@ -333,31 +342,29 @@ bool amx_usable() {
 #endif
 }
 
-template <typename Out>
 void amx_product(const DigitRows& x, int64_t M, const int8_t* w, int64_t N, int64_t K, const float* scale,
-                 const float* bias, Out* out) {
+                 const float* bias, c10::BFloat16* out) {
   TORCH_CHECK(amx_usable(), "amx_product: this CPU or build cannot run AMX-INT8 products");
 #ifdef HAVE_AMX_KERNEL
-  const int64_t rows = M * kDigits, columns = ceil_div(rows, kPairN) * kPairN, blocks = x.stride / kBlockBytes;
-  const int64_t column_tiles = columns / kTileN;
-  // B tiles: digit row r's bytes k .. k + 3 of block kb at row (k % 64) / 4, bytes 4 (r % 16) of tile (kb, r / 16)
-  std::vector<int8_t> b(blocks * column_tiles * kTileBytes, 0);
-  for (int64_t r = 0; r < rows; ++r) {
-    const int8_t* digits = x.digits.data() + r * x.stride;
-    for (int64_t kb = 0; kb < blocks; ++kb) {
-      int8_t* tile = b.data() + (kb * column_tiles + r / kTileN) * kTileBytes + (r % kTileN) * 4;
-      for (int64_t g = 0; g < kBlockBytes / 4; ++g) std::memcpy(tile + g * 64, digits + kb * kBlockBytes + 4 * g, 4);
-    }
-  }
-  const DigitProduct q{&x, w, b.data(), scale, bias, M, N, K, blocks, columns};
+  const int64_t blocks = x.stride / kBlockBytes;
+  const int64_t panel_rows = std::max<int64_t>(kPairN, kPanelBytes / (kDigits * x.stride) / kPairN * kPairN);
   const int64_t grain = std::max<int64_t>(1, kMinWeightsPerThread / (kPairN * std::max<int64_t>(K, 1)));
-  at::parallel_for(0, ceil_div(N, kPairN), grain, [&](int64_t p0, int64_t p1) { digit_pairs(q, out, p0, p1); });
+  for (int64_t m0 = 0; m0 < M; m0 += panel_rows) {
+    const int64_t rows = std::min(panel_rows, M - m0), digit_rows = rows * kDigits;
+    const int64_t columns = ceil_div(digit_rows, kPairN) * kPairN, column_tiles = columns / kTileN;
+    // B tiles: digit row r's bytes k .. k + 3 of block kb at row (k % 64) / 4, bytes 4 (r % 16) of tile (kb, r / 16)
+    std::vector<int8_t> b(blocks * column_tiles * kTileBytes, 0);
+    for (int64_t r = 0; r < digit_rows; ++r) {
+      const int8_t* digits = x.digits.data() + (m0 * kDigits + r) * x.stride;
+      for (int64_t kb = 0; kb < blocks; ++kb) {
+        int8_t* tile = b.data() + (kb * column_tiles + r / kTileN) * kTileBytes + (r % kTileN) * 4;
+        for (int64_t g = 0; g < kBlockBytes / 4; ++g) std::memcpy(tile + g * 64, digits + kb * kBlockBytes + 4 * g, 4);
+      }
+    }
+    const DigitProduct q{w, b.data(), x.units.data() + m0, scale, bias, out + m0 * N, rows, N, K, blocks, columns};
+    at::parallel_for(0, ceil_div(N, kPairN), grain, [&](int64_t p0, int64_t p1) { digit_pairs(q, p0, p1); });
+  }
 #endif
 }
-
-template void amx_product<float>(const DigitRows&, int64_t, const int8_t*, int64_t, int64_t, const float*,
-                                 const float*, float*);
-template void amx_product<c10::BFloat16>(const DigitRows&, int64_t, const int8_t*, int64_t, int64_t, const float*,
-                                         const float*, c10::BFloat16*);
 
 }  // namespace int8_digits

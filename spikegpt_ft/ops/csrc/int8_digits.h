@@ -12,6 +12,8 @@
 // bfloat16 elements lie within 2^14 of their row's largest.
 #pragma once
 
+#include <c10/util/BFloat16.h>
+
 #include <cmath>
 #include <cstdint>
 #include <vector>
@@ -45,9 +47,8 @@ inline float output(int64_t sum, double unit, const float* scale, const float* b
 bool amx_usable();
 
 // out [M, N] = x W^T (+ bias) for x's digit rows and int8 weights w [N, K] with their scale (or null) on AMX-INT8
-// (amx_linear.cpp; only where amx_usable()). Out: float or c10::BFloat16.
-template <typename Out>
+// (amx_linear.cpp; only where amx_usable()), rounded to bfloat16 (the dtype of the rows the digits came from).
 void amx_product(const DigitRows& x, int64_t M, const int8_t* w, int64_t N, int64_t K, const float* scale,
-                 const float* bias, Out* out);
+                 const float* bias, c10::BFloat16* out);
 
 }  // namespace int8_digits

@@ -668,11 +668,7 @@ void stream_dispatch(const torch::Tensor& x, const torch::Tensor& w, const float
       if (!digits) kernel = Kernel::kAvx512;
     }
     if (digits && M > kMaxStreamRows && int8_digits::amx_usable()) {  // many rows: the same sums on AMX-INT8
-      if (out.scalar_type() == torch::kFloat32) {
-        int8_digits::amx_product(*digits, M, w_, N, K, s, b, out.data_ptr<float>());
-      } else {
-        int8_digits::amx_product(*digits, M, w_, N, K, s, b, out.data_ptr<at::BFloat16>());
-      }
+      int8_digits::amx_product(*digits, M, w_, N, K, s, b, out.data_ptr<at::BFloat16>());
       return;
     }
   }
