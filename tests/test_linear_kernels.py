@@ -1,5 +1,6 @@
 """The CPU streaming product (csrc/linear_cpu.cpp) against a float64 product written here: every kernel
-this CPU runs, bfloat16 and int8 weights, odd sizes, 1 to 64 rows."""
+this CPU runs, bfloat16 and int8 weights, odd sizes, 1 to 64 rows; int8 weights by bfloat16 rows in integers
+(csrc/int8_digits.h) against the exact product; the AMX products (csrc/amx_linear.cpp)."""
 
 from __future__ import annotations
 
