@@ -156,6 +156,21 @@ def test_int8_by_bfloat16_rows_is_the_exact_product_rounded(rows, n, k):
 
 
 @integers
+def test_the_integer_kernels_scale_bias_and_round_alike():
+    """A row alone (VNNI, scalar output) and among 70 (AMX-INT8, outputs 16 at a time) get the same bits with a
+    scale and a bias, an infinite and a NaN bias included (a NaN rounds to bfloat16's quiet NaN, 0x7fc0)."""
+    weight, scale, _ = _weights("int8", 301, 771, seed=13)
+    x = torch.randn(70, 771, generator=torch.Generator().manual_seed(14)).to(torch.bfloat16)
+    bias = torch.randn(301, generator=torch.Generator().manual_seed(15)).to(torch.bfloat16)
+    bias[[7, 300]] = torch.tensor([float("inf"), float("nan")], dtype=torch.bfloat16)
+    together = extension().stream_linear(x, weight, scale, bias, "avx512-vnni").view(torch.int16)
+    assert torch.all(together[:, 300] == 0x7FC0) and torch.all(together[:, 7] == 0x7F80)
+    for i in (0, 15, 16, 69):
+        alone = extension().stream_linear(x[i : i + 1], weight, scale, bias, "avx512-vnni").view(torch.int16)
+        assert torch.equal(alone[0], together[i])
+
+
+@integers
 def test_many_rows_go_in_panels_with_the_same_bits():
     """More rows than one panel of AMX-INT8 B tiles holds (96 rows at a 3072-wide reduction): each row still gets
     the exact product rounded, the same bits as alone (VNNI), across the panels' edges."""

@@ -16,6 +16,7 @@
 
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <vector>
 
 namespace int8_digits {
@@ -41,6 +42,19 @@ inline float output(int64_t sum, double unit, const float* scale, const float* b
   if (scale == nullptr) return static_cast<float>(bias == nullptr ? product : product + bias[n]);
   return static_cast<float>(bias == nullptr ? product * scale[n] : std::fma(product, scale[n], bias[n]));
 }
+
+// float32 to bfloat16 as c10::BFloat16 rounds (to nearest even, a NaN to 0x7fc0), the NaN told by its bits (under
+// -ffast-math a float test may not see one), so that every kernel, scalar or vector, rounds alike.
+inline c10::BFloat16 to_bfloat16(float value) {
+  uint32_t bits;
+  std::memcpy(&bits, &value, sizeof bits);
+  const uint16_t rounded = (bits & 0x7fffffffu) > 0x7f800000u
+                               ? static_cast<uint16_t>(0x7fc0)
+                               : static_cast<uint16_t>((bits + 0x7fffu + (bits >> 16 & 1u)) >> 16);
+  return c10::BFloat16(rounded, c10::BFloat16::from_bits());
+}
+inline void store(float value, float* to) { *to = value; }
+inline void store(float value, c10::BFloat16* to) { *to = to_bfloat16(value); }
 
 // Whether this process can run the AMX-INT8 product (amx_linear.cpp): the CPU has AMX-INT8, Linux granted the
 // tile state, and the build has the kernel.

@@ -380,8 +380,8 @@ VNNI_TARGET void stream_rows_vnni(const StreamArgs<int8_t, Out>& a, int64_t n) {
     for (int m = 0; m < M; ++m) {
       int64_t sum = 0;  // sum_j 2^8j sum_k (q_k + 128) d_jk
       for (int j = kDigits - 1; j >= 0; --j) sum = sum * 256 + _mm512_reduce_add_epi32(acc[r][m][j]);
-      a.out[m * a.N + n + r] = static_cast<Out>(int8_digits::output(sum - 128 * a.sums[m], a.units[m], a.scale,
-                                                                     a.bias, n + r));
+      int8_digits::store(int8_digits::output(sum - 128 * a.sums[m], a.units[m], a.scale, a.bias, n + r),
+                         a.out + m * a.N + n + r);
     }
   }
 }
