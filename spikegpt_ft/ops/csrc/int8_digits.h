@@ -6,7 +6,7 @@
 // integers X (exact for every bfloat16 element within a factor 2^14 of the row's largest), and X written as three
 // signed base-256 digits, X = d0 + 2^8 d1 + 2^16 d2 with d in [-128, 127]. Then, for an output with int8 weights
 // q, sum_k q_k X_k = sum_j 2^8j sum_k q_k d_jk: three integer sums, exact in 32 bits for reductions up to
-// kMaxDigitReduction long, and the output is 2^-s times that (exact), times the scale, plus the bias, in double,
+// kMaxReduction long, and the output is 2^-s times that (exact), times the scale, plus the bias, in double,
 // rounded once to float32. The sums are exact, so neither their order nor the instructions change a bit: a row
 // gets the same value alone (VNNI) as among many (AMX), and one rounding of the exact product where the
 // bfloat16 elements lie within 2^14 of their row's largest.
