@@ -675,9 +675,9 @@ void stream_dispatch(const torch::Tensor& x, const torch::Tensor& w, const float
 #endif
   // the width of the vector kernels' bfloat16 blocks (widen16, line_vector); int8 and the portable kernel: none
   const int64_t block = !std::is_same_v<W, uint16_t>                               ? 0
-                        : kernel == Kernel::kAvx2                                  ? 16
+                        : kernel == Kernel::kAvx2                                    ? 16
                         : kernel == Kernel::kAvx512 || kernel == Kernel::kAvx512Vnni ? 32
-                                                                                   : 0;
+                                                                                    : 0;
   const auto xf = kernel == Kernel::kAvx512Vnni && std::is_same_v<W, int8_t> ? FloatRows{} : float_rows(x, block);
   // one group of rows: one pass over the weights, from memory
   const Prefetch* prefetch = M <= kMaxStreamRows && kernel != Kernel::kPortable ? &stream_prefetch() : nullptr;
