@@ -674,7 +674,7 @@ void stream_dispatch(const torch::Tensor& x, const torch::Tensor& w, const float
   }
 #endif
   // the width of the vector kernels' bfloat16 blocks (widen16, line_vector); int8 and the portable kernel: none
-  const int64_t block = !std::is_same_v<W, uint16_t>                               ? 0
+  const int64_t block = !std::is_same_v<W, uint16_t>                                 ? 0
                         : kernel == Kernel::kAvx2                                    ? 16
                         : kernel == Kernel::kAvx512 || kernel == Kernel::kAvx512Vnni ? 32
                                                                                     : 0;
