@@ -218,6 +218,54 @@ def test_int8_products_the_integers_cannot_hold_go_to_the_float32_kernel():
     assert integers_out.isfinite().all()
 
 
+bf16_products = pytest.mark.skipif("avx512-bf16" not in KERNELS, reason="this CPU has no AVX512-BF16")
+
+
+@bf16_products
+def test_avx512_bf16_sends_what_vdpbf16ps_does_not_take_to_the_avx512_vnni_kernel():
+    """VDPBF16PS multiplies bfloat16 weights by bfloat16 rows only: float32 rows (which it would round) and int8
+    weights get the avx512-vnni kernel's bits, one to five rows (five: the cache's way) with a scale and bias."""
+    bias = torch.randn(37, generator=torch.Generator().manual_seed(3)).to(torch.bfloat16)
+    for kind, x_dtype in (("bfloat16", torch.float32), ("int8", torch.bfloat16), ("int8", torch.float32)):
+        weight, scale, _ = _weights(kind, 37, 771, seed=4)
+        for rows in (1, 2, 5):
+            x = torch.randn(rows, 771, generator=torch.Generator().manual_seed(rows)).to(x_dtype)
+            bf16_out = extension().stream_linear(x, weight, scale, bias, "avx512-bf16")
+            assert torch.equal(bf16_out, extension().stream_linear(x, weight, scale, bias, "avx512-vnni"))
+
+
+@bf16_products
+@pytest.mark.parametrize("rows", [1, 2, 5])
+def test_avx512_bf16_products_are_exact_through_the_last_partial_block(rows):
+    """Values whose products and partial sums float32 holds exactly give exact outputs, the last partial 32-wide
+    block included (45 = 32 + 13). The rows after each row of x and of the weight hold large values, so a load past
+    K (which in [M, K] memory reads the next row) would show; (1 + 2^-7)^2 - (1 + 2^-6) = 2^-14 needs the products
+    of the bfloat16 values themselves, summed in float32."""
+    k = 45
+    x = torch.full((rows, k), 1024.0, dtype=torch.bfloat16)
+    w = torch.full((4, k), 512.0, dtype=torch.bfloat16)
+    x[0], w[:3] = 0, 0
+    x[0, 3], w[0, 3] = 1 + 2**-7, 1 + 2**-7
+    x[0, 32:40] = 3.0
+    x[0, 40], w[0, 40] = 1.0, -(1 + 2**-6)  # in the partial block
+    w[1, 32:] = 2.0**-10
+    x[0, 44], w[2, 44] = 0.75, 0.5  # the last element
+    out = extension().stream_linear(x, w, None, None, "avx512-bf16")
+    assert out[0, :3].tolist() == [2.0**-14, 8 * 3 * 2.0**-10 + 2.0**-10 + 0.75 * 2.0**-10, 0.375]
+    assert torch.equal(out, (x.double() @ w.double().T).to(torch.bfloat16))  # every sum here is exact in float32
+
+
+@bf16_products
+def test_avx512_bf16_takes_denormal_inputs_as_zero():
+    """VDPBF16PS reads denormal bfloat16 inputs as zero (Intel SDM: DAZ whatever MXCSR says), as AMX and oneDNN's
+    bfloat16 products do: 2^-130 x 2^100 gives 0 here, where the float32 kernel gives 2^-30."""
+    x = torch.tensor([[2.0**-130, 1.0]], dtype=torch.bfloat16)
+    w = torch.tensor([[2.0**100, 0.0], [2.0**100, 1.0]], dtype=torch.bfloat16)
+    assert x[0, 0].item() == 2.0**-130  # a bfloat16 denormal, stored exactly
+    assert extension().stream_linear(x, w, None, None, "avx512-bf16").tolist() == [[0.0, 1.0]]
+    assert extension().stream_linear(x, w, None, None, "avx512-vnni").tolist() == [[2.0**-30, 1.0]]
+
+
 amx = pytest.mark.skipif(not extension().amx_usable(), reason="this CPU cannot run the AMX kernel (no AMX-BF16)")
 
 

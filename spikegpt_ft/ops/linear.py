@@ -4,7 +4,8 @@ Decoding one sequence at a time reads every weight once per token, so on a CPU i
 memory. :class:`Linear` is the ``nn.Linear`` every SpikeGPT layer is built from; when it runs on the CPU in
 bfloat16 without gradients its product is chosen by what the CPU can do (:func:`product_kernel`):
 
-- ``stream``: the compiled streaming kernel (``csrc/linear_cpu.cpp``; AVX-512 (with VNNI, see below) or
+- ``stream``: the compiled streaming kernel (``csrc/linear_cpu.cpp``; AVX-512 (with VNNI, see below, and with
+  AVX512-BF16, whose VDPBF16PS multiplies bfloat16 rows by a cache line of weights in one instruction) or
   AVX2+FMA, the best the CPU has, else portable C++). It reads each weight once and multiplies it with up to four
   rows of x from registers
   (prefetching the weights as measured fastest on the machine: :func:`stream_prefetch`), block by block for
@@ -44,6 +45,8 @@ from .extension import extension, needs_autograd
 #: Rows up to which the streaming kernel runs even where the CPU has bfloat16 matrix units (there it is as
 #: fast as memory and oneDNN's product is not; from here on oneDNN's is faster).
 STREAM_MAX_ROWS = 4
+#: The streaming kernels that multiply int8 weights by bfloat16 rows in integers (csrc/int8_digits.h).
+INTEGER_KERNELS = frozenset({"avx512-bf16", "avx512-vnni"})
 #: CPU flags of bfloat16 matrix arithmetic that oneDNN uses.
 BF16_MATRIX_FLAGS = frozenset({"avx512_bf16", "amx_bf16"})
 
@@ -70,8 +73,9 @@ def matrix_kernel() -> str | None:
 
 @functools.cache
 def stream_kernel() -> str:
-    """The streaming kernel this CPU runs: ``avx512-vnni`` (``avx512`` with int8 weights in integers),
-    ``avx512`` (AVX-512F), ``avx2`` (AVX2 and FMA) or ``portable``."""
+    """The streaming kernel this CPU runs: ``avx512-bf16`` (``avx512-vnni`` with bfloat16 weights by bfloat16 rows
+    on VDPBF16PS), ``avx512-vnni`` (``avx512`` with int8 weights in integers), ``avx512`` (AVX-512F), ``avx2``
+    (AVX2 and FMA) or ``portable``."""
     return extension().linear_kernels()[0]
 
 
@@ -79,7 +83,7 @@ def stream_kernel() -> str:
 def int8_amx_usable() -> bool:
     """Whether :class:`Int8Linear` products of more than :data:`STREAM_MAX_ROWS` rows run on AMX-INT8 here (the
     CPU has it and VNNI, the build has the kernel, Linux allows it)."""
-    return stream_kernel() == "avx512-vnni" and bool(extension().amx_int8_usable())
+    return stream_kernel() in INTEGER_KERNELS and bool(extension().amx_int8_usable())
 
 
 def stream_prefetch() -> str:

@@ -11,7 +11,8 @@
 // limits int8 weights and four rows), an AVX2+FMA one and a portable one; the best the CPU runs is chosen at run
 // time, and `spikegpt_ft.ops.linear` chooses where the streaming kernel runs at all. On CPUs with AVX512-VNNI,
 // int8 weights by bfloat16 rows are multiplied in integers instead ("avx512-vnni", int8_digits.h): exact sums, by
-// VNNI for up to four rows and by AMX-INT8 (amx_linear.cpp), where the CPU has it, for more.
+// VNNI for up to four rows and by AMX-INT8 (amx_linear.cpp), where the CPU has it, for more. On CPUs with
+// AVX512-BF16 as well, bfloat16 weights by bfloat16 rows go through VDPBF16PS ("avx512-bf16", `Avx512Bf16`).
 //
 // Where the weights come from memory (up to four rows of x), both vector kernels read one weight row at a time
 // (the AVX-512 one two neighbouring rows for int8 weights and one row of x: `Avx512`), so that the weights arrive
@@ -123,6 +124,8 @@ struct StreamArgs {
   Out* out;
   int64_t M, N, K;
   const Prefetch* prefetch;
+  // bfloat16 weights by bfloat16 rows on AVX512-BF16 (`Avx512Bf16`): x's own rows [M, K], else null
+  const uint16_t* x_bf16 = nullptr;
   // int8 weights by bfloat16 rows on AVX512-VNNI (`Avx512Vnni`): x as digits (int8_digits.h), else null
   const int8_t* digits = nullptr;
   const double* units = nullptr;
@@ -402,6 +405,68 @@ struct Avx512Vnni {
   static void rows(const StreamArgs<int8_t, Out>& a, int64_t n) { stream_rows_vnni<M, R>(a, n); }
 };
 
+// bfloat16 weights by bfloat16 rows on CPUs with AVX512-BF16: VDPBF16PS multiplies 32 bfloat16 pairs exactly and
+// adds them into 16 float32 sums, a cache line of weights in one instruction where the float32 kernel above spends
+// four (widen the even and the odd elements, two FMAs), and x needs no float32 copy. On the Intel Xeon of
+// BENCHMARKS.md, the 216M model's products in model order (scratch, medians of seven passes, alternating rounds in
+// one process, on a day its speed varied a lot): one row 1.18 - 1.28 x the read against the float32 kernel's 1.22 -
+// 1.36 x, two rows 1.28 - 1.34 x against 1.35 - 1.44 x, four 1.51 - 1.64 x against 1.68 - 1.78 x (four rounds).
+// Arithmetic: each line's products added into the output's float32 sum in one order whatever R and M, so a row gets
+// the same bits alone as among many; like AMX (amx_linear.cpp) and oneDNN's bfloat16 products, the instruction
+// takes denormal inputs as zero and flushes denormal sums to zero.
+#define BF16_TARGET __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16,fma")))
+
+// The 32 bfloat16 values at p; with Tail, those under `mask`, zeros elsewhere.
+template <bool Tail>
+BF16_TARGET inline __m512i bf16_line(const uint16_t* p, __mmask32 mask) {
+  if constexpr (Tail) return _mm512_maskz_loadu_epi16(mask, p);
+  return _mm512_loadu_si512(p);
+}
+
+// One cache line of R weight rows (from k) into the M x R sums; the last, partial line (Tail) by masked loads that
+// give zeros past K.
+template <int M, int R, bool Tail, typename Out>
+BF16_TARGET __attribute__((always_inline)) inline void dpbf16_line(const StreamArgs<uint16_t, Out>& a, int64_t n,
+                                                                   int64_t k, __m512 (&acc)[R][M]) {
+  const __mmask32 mask = Tail ? static_cast<__mmask32>((1u << (a.K - k)) - 1) : static_cast<__mmask32>(~0u);
+  __m512bh xs[M];
+  for (int m = 0; m < M; ++m) xs[m] = (__m512bh)bf16_line<Tail>(a.x_bf16 + m * a.K + k, mask);
+  for (int r = 0; r < R; ++r) {
+    const __m512bh wv = (__m512bh)bf16_line<Tail>(a.w + (n + r) * a.K + k, mask);
+    for (int m = 0; m < M; ++m) acc[r][m] = _mm512_dpbf16_ps(acc[r][m], wv, xs[m]);
+  }
+}
+
+template <int M, int R, typename Out>
+BF16_TARGET void stream_rows_dpbf16(const StreamArgs<uint16_t, Out>& a, int64_t n) {
+  constexpr int64_t kLine = 32;  // bfloat16 weights per cache line
+  const int64_t K = a.K, body = K - K % kLine;
+  __m512 acc[R][M];
+  for (int r = 0; r < R; ++r)
+    for (int m = 0; m < M; ++m) acc[r][m] = _mm512_setzero_ps();
+  for (int64_t k = 0; k < body; k += kLine) {
+    if (a.prefetch != nullptr) {
+      for (int r = 0; r < R; ++r) prefetch_ahead(*a.prefetch, a.w + (n + r) * K + k);
+    }
+    dpbf16_line<M, R, false>(a, n, k, acc);
+  }
+  if (body < K) dpbf16_line<M, R, true>(a, n, body, acc);
+  for (int r = 0; r < R; ++r)
+    for (int m = 0; m < M; ++m) store(a, m, n + r, _mm512_reduce_add_ps(acc[r][m]));
+}
+
+// The VDPBF16PS kernel: from memory, one row of x by two neighbouring weight rows at a time (two chains of additions
+// in one stream: one row's products took 1.04 - 1.36 x the read so, 1.08 - 1.42 x one weight row at a time, the
+// former faster in all six alternating rounds of the scratch comparison above), else as the AVX-512 kernel.
+struct Avx512Bf16 {
+  template <int M>
+  static constexpr int kWeightRows = M == 1 ? 8 : 4;
+  template <int M, typename W>
+  static constexpr int kMemoryRows = M == 1 ? 2 : 1;
+  template <int M, int R, typename Out>
+  static void rows(const StreamArgs<uint16_t, Out>& a, int64_t n) { stream_rows_dpbf16<M, R>(a, n); }
+};
+
 // Weight rows [n0, n1) by a.M <= 4 rows of x with one vector kernel. Where the weights come from memory,
 // Isa::kMemoryRows neighbouring rows at a time (mostly one), so that they arrive as one sequential stream with the
 // software prefetch ahead of it (rows far apart are several streams, which read slower); where they come from the
@@ -460,8 +525,18 @@ bool cpu_has_avx512_vnni() {
 #endif
 }
 
-// The streaming kernels, best first (kAvx512Vnni: kAvx512 with int8 weights by bfloat16 rows in integers).
-enum class Kernel { kAvx512Vnni, kAvx512, kAvx2, kPortable };
+bool cpu_has_avx512_bf16() {
+#ifdef HAVE_X86_KERNELS
+  static const bool has = cpu_has_avx512_vnni() && __builtin_cpu_supports("avx512bf16");
+  return has;
+#else
+  return false;
+#endif
+}
+
+// The streaming kernels, best first (kAvx512Vnni: kAvx512 with int8 weights by bfloat16 rows in integers;
+// kAvx512Bf16: kAvx512Vnni with bfloat16 weights by bfloat16 rows on VDPBF16PS).
+enum class Kernel { kAvx512Bf16, kAvx512Vnni, kAvx512, kAvx2, kPortable };
 
 void check_inputs(const torch::Tensor& x, const torch::Tensor& weight, const std::optional<torch::Tensor>& scale,
                   const std::optional<torch::Tensor>& bias) {
@@ -545,7 +620,14 @@ void run_stream(const StreamArgs<W, Out>& a, Kernel kernel) {
         rows.out = a.out + m0 * a.N;
         rows.M = std::min(kMaxStreamRows, a.M - m0);
 #ifdef HAVE_X86_KERNELS
-        if (kernel == Kernel::kAvx512Vnni) {
+        if constexpr (std::is_same_v<W, uint16_t>) {
+          if (kernel == Kernel::kAvx512Bf16) {  // stream_dispatch sends it bfloat16 rows only
+            rows.x_bf16 = a.x_bf16 + m0 * a.K;
+            stream_vector<Avx512Bf16>(rows, b0, b1);
+            continue;
+          }
+        }
+        if (kernel == Kernel::kAvx512Vnni || kernel == Kernel::kAvx512Bf16) {
           if constexpr (std::is_same_v<W, int8_t>) {
             rows.digits = a.digits + m0 * kDigits * a.digit_stride;
             rows.units = a.units + m0;
@@ -573,6 +655,7 @@ void run_stream(const StreamArgs<W, Out>& a, Kernel kernel) {
 
 // The best vector kernel this CPU runs, if any.
 std::optional<Kernel> vector_kernel() {
+  if (cpu_has_avx512_bf16()) return Kernel::kAvx512Bf16;
   if (cpu_has_avx512_vnni()) return Kernel::kAvx512Vnni;
   if (cpu_has_avx512()) return Kernel::kAvx512;
   if (cpu_has_avx2_fma()) return Kernel::kAvx2;
@@ -618,12 +701,13 @@ int calibrate_prefetch() {
   constexpr int64_t N = 16 * 1024, K = 768, kRounds = 9;
   std::vector<uint16_t> weight(N * K, 0x3f80);  // bfloat16 1.0, written so that every page is there
   std::vector<float> x(K, 1.0f), out(N);
+  const std::vector<uint16_t> x_bf16(K, 0x3f80);  // the same row for the VDPBF16PS kernel
   const auto pass = [&](int c) {
     flush_from_caches(weight.data(), N * K * static_cast<int64_t>(sizeof(uint16_t)));
+    StreamArgs<uint16_t, float> args{x.data(), weight.data(), nullptr, nullptr, out.data(), 1, N, K, &kPrefetches[c]};
+    args.x_bf16 = x_bf16.data();
     const auto start = std::chrono::steady_clock::now();
-    run_stream(StreamArgs<uint16_t, float>{x.data(), weight.data(), nullptr, nullptr, out.data(), 1, N, K,
-                                           &kPrefetches[c]},
-               *kernel);
+    run_stream(args, *kernel);
     return std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
   };
   pass(0);
@@ -655,6 +739,11 @@ void stream_dispatch(const torch::Tensor& x, const torch::Tensor& w, const float
                      torch::Tensor& out, Kernel kernel) {
   const int64_t M = x.size(0), K = x.size(1), N = w.size(0);
   const W* w_ = reinterpret_cast<const W*>(w.data_ptr());
+  // VDPBF16PS takes bfloat16 weights by bfloat16 rows; the rest goes as on AVX512-VNNI (float32 rows keep float32
+  // arithmetic: rounding them to bfloat16 would change them)
+  if (kernel == Kernel::kAvx512Bf16 && !(std::is_same_v<W, uint16_t> && x.scalar_type() == torch::kBFloat16)) {
+    kernel = Kernel::kAvx512Vnni;
+  }
 #ifdef HAVE_X86_KERNELS
   // int8 weights by bfloat16 rows in integers; float32 rows keep float32 arithmetic (22-bit integers would round
   // them), and rows with an infinity or a NaN, or too long a reduction, go to the float32 kernel
@@ -678,7 +767,9 @@ void stream_dispatch(const torch::Tensor& x, const torch::Tensor& w, const float
                         : kernel == Kernel::kAvx2                                    ? 16
                         : kernel == Kernel::kAvx512 || kernel == Kernel::kAvx512Vnni ? 32
                                                                                     : 0;
-  const auto xf = kernel == Kernel::kAvx512Vnni && std::is_same_v<W, int8_t> ? FloatRows{} : float_rows(x, block);
+  const bool own_rows = kernel == Kernel::kAvx512Bf16 || (kernel == Kernel::kAvx512Vnni && std::is_same_v<W, int8_t>);
+  const auto xf = own_rows ? FloatRows{} : float_rows(x, block);
+  const auto x_rows = kernel == Kernel::kAvx512Bf16 ? contiguous(x) : torch::Tensor();  // VDPBF16PS's rows
   // one group of rows: one pass over the weights, from memory
   const Prefetch* prefetch = M <= kMaxStreamRows && kernel != Kernel::kPortable ? &stream_prefetch() : nullptr;
   const auto run = [&](auto args) {
@@ -690,6 +781,7 @@ void stream_dispatch(const torch::Tensor& x, const torch::Tensor& w, const float
       args.digit_stride = digits->stride;
     }
 #endif
+    if (kernel == Kernel::kAvx512Bf16) args.x_bf16 = reinterpret_cast<const uint16_t*>(x_rows.data_ptr());
     run_stream(args, kernel);
   };
   if (out.scalar_type() == torch::kFloat32) {
@@ -701,10 +793,12 @@ void stream_dispatch(const torch::Tensor& x, const torch::Tensor& w, const float
 
 }  // namespace
 
-// The product kernels this CPU can run, best first: "avx512-vnni" (AVX-512F, BW, VL and VNNI: "avx512" with int8
-// weights by bfloat16 rows in integers), "avx512" (AVX-512F), "avx2" (AVX2 and FMA), "portable".
+// The product kernels this CPU can run, best first: "avx512-bf16" (and AVX512-BF16: "avx512-vnni" with bfloat16
+// weights by bfloat16 rows on VDPBF16PS), "avx512-vnni" (AVX-512F, BW, VL and VNNI: "avx512" with int8 weights by
+// bfloat16 rows in integers), "avx512" (AVX-512F), "avx2" (AVX2 and FMA), "portable".
 std::vector<std::string> linear_kernels_cpu() {
   std::vector<std::string> kernels;
+  if (cpu_has_avx512_bf16()) kernels.emplace_back("avx512-bf16");
   if (cpu_has_avx512_vnni()) kernels.emplace_back("avx512-vnni");
   if (cpu_has_avx512()) kernels.emplace_back("avx512");
   if (cpu_has_avx2_fma()) kernels.emplace_back("avx2");
@@ -739,17 +833,20 @@ void set_stream_prefetch_cpu(const std::string& name) {
 }
 
 // x: [M, K] float32 or bfloat16; weight: [N, K] bfloat16, or int8 with scale [N]; bias: [N].
-// Returns [M, N] in x's dtype. `kernel`: "auto" (the best this CPU runs), "avx512", "avx2" or "portable".
+// Returns [M, N] in x's dtype. `kernel`: "auto" (the best this CPU runs) or one of linear_kernels_cpu's.
 torch::Tensor stream_linear_cpu(torch::Tensor x, torch::Tensor weight, std::optional<torch::Tensor> scale,
                                 std::optional<torch::Tensor> bias, const std::string& kernel) {
   check_inputs(x, weight, scale, bias);
-  TORCH_CHECK(kernel == "auto" || kernel == "avx512-vnni" || kernel == "avx512" || kernel == "avx2" ||
-                  kernel == "portable",
-              "stream_linear: unknown kernel '", kernel, "' (auto, avx512-vnni, avx512, avx2 or portable)");
+  TORCH_CHECK(kernel == "auto" || kernel == "avx512-bf16" || kernel == "avx512-vnni" || kernel == "avx512" ||
+                  kernel == "avx2" || kernel == "portable",
+              "stream_linear: unknown kernel '", kernel,
+              "' (auto, avx512-bf16, avx512-vnni, avx512, avx2 or portable)");
+  TORCH_CHECK(kernel != "avx512-bf16" || cpu_has_avx512_bf16(), "stream_linear: this CPU has no AVX512-BF16");
   TORCH_CHECK(kernel != "avx512-vnni" || cpu_has_avx512_vnni(), "stream_linear: this CPU has no AVX512-VNNI");
   TORCH_CHECK(kernel != "avx512" || cpu_has_avx512(), "stream_linear: this CPU has no AVX-512");
   TORCH_CHECK(kernel != "avx2" || cpu_has_avx2_fma(), "stream_linear: this CPU has no AVX2 and FMA");
-  const Kernel chosen = kernel == "avx512-vnni" ? Kernel::kAvx512Vnni
+  const Kernel chosen = kernel == "avx512-bf16" ? Kernel::kAvx512Bf16
+                        : kernel == "avx512-vnni" ? Kernel::kAvx512Vnni
                         : kernel == "avx512"    ? Kernel::kAvx512
                         : kernel == "avx2"      ? Kernel::kAvx2
                         : kernel == "portable"  ? Kernel::kPortable

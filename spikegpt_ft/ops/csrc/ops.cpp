@@ -158,7 +158,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("linear_kernels", &linear_kernels_cpu, "the streaming product kernels this CPU runs, best first");
   m.def("stream_linear", &stream_linear_cpu,
         "linear, streaming the weights (cpu): (x[M,K], weight[N,K] bf16 or int8, scale[N] (int8) or None, "
-        "bias[N] or None, kernel 'auto'|'avx512-vnni'|'avx512'|'avx2'|'portable') -> y[M,N] in x's dtype");
+        "bias[N] or None, kernel 'auto'|'avx512-bf16'|'avx512-vnni'|'avx512'|'avx2'|'portable') -> "
+        "y[M,N] in x's dtype");
   m.def("stream_prefetch", &stream_prefetch_cpu,
         "how stream_linear prefetches weights from memory on this machine, measured at the first call: "
         "'l1-2k', 'l2-16k', or 'none' (no vector kernel)");
