@@ -256,6 +256,18 @@ def test_avx512_bf16_products_are_exact_through_the_last_partial_block(rows):
 
 
 @bf16_products
+def test_the_reported_kernel_is_the_one_that_runs():
+    """``product_kernel`` names the streaming kernel that multiplies each kind of weight: VDPBF16PS's for bfloat16,
+    the integers' (avx512-vnni) for int8, whose bits equal the named kernel's."""
+    assert linear.product_kernel(1, torch.bfloat16) == "stream-avx512-bf16"
+    assert linear.product_kernel(1, torch.int8) == "stream-avx512-vnni"
+    weight, scale, _ = _weights("int8", 9, 100, seed=1)
+    x = torch.randn(2, 100, generator=torch.Generator().manual_seed(2)).to(torch.bfloat16)
+    auto = extension().stream_linear(x, weight, scale, None, "auto")
+    assert torch.equal(auto, extension().stream_linear(x, weight, scale, None, "avx512-vnni"))
+
+
+@bf16_products
 def test_avx512_bf16_takes_denormal_inputs_as_zero():
     """VDPBF16PS reads denormal bfloat16 inputs as zero (Intel SDM: DAZ whatever MXCSR says), as AMX and oneDNN's
     bfloat16 products do: 2^-130 x 2^100 gives 0 here, where the float32 kernel gives 2^-30."""

@@ -103,7 +103,8 @@ def set_stream_prefetch(name: str) -> None:
 
 
 def product_kernel(rows: int, weight_dtype: torch.dtype) -> str:
-    """The product a CPU inference layer uses for ``rows`` rows: ``stream-`` and :func:`stream_kernel`, ``amx``
+    """The product a CPU inference layer uses for ``rows`` rows: ``stream-`` and the streaming kernel that runs it
+    (:func:`stream_kernel`'s, except that ``avx512-bf16`` passes int8 weights to ``avx512-vnni``), ``amx``
     (bfloat16 weights), ``amx-int8`` (int8 weights) or ``torch``."""
     if rows > STREAM_MAX_ROWS:
         if weight_dtype == torch.bfloat16:
@@ -112,7 +113,10 @@ def product_kernel(rows: int, weight_dtype: torch.dtype) -> str:
                 return matrix
         elif weight_dtype == torch.int8 and int8_amx_usable():
             return "amx-int8"
-    return f"stream-{stream_kernel()}"
+    kernel = stream_kernel()
+    if kernel == "avx512-bf16" and weight_dtype == torch.int8:
+        kernel = "avx512-vnni"
+    return f"stream-{kernel}"
 
 
 def _bfloat16_at_least(x: torch.Tensor) -> torch.Tensor:
