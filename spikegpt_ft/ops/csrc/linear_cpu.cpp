@@ -497,46 +497,61 @@ void stream_vector(const StreamArgs<W, Out>& a, int64_t n0, int64_t n1) {
 }
 #endif
 
-bool cpu_has_avx2_fma() {
+// What the CPU runs (GCC's and Clang's __builtin_cpu_supports, which exists on x86 only), each asked once.
 #ifdef HAVE_X86_KERNELS
-  static const bool has = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-  return has;
+#define CPU_SUPPORTS(feature) __builtin_cpu_supports(feature)
 #else
-  return false;
+#define CPU_SUPPORTS(feature) false
 #endif
+
+bool cpu_has_avx2_fma() {
+  static const bool has = CPU_SUPPORTS("avx2") && CPU_SUPPORTS("fma");
+  return has;
 }
 
 bool cpu_has_avx512() {
-#ifdef HAVE_X86_KERNELS
-  static const bool has = cpu_has_avx2_fma() && __builtin_cpu_supports("avx512f");
+  static const bool has = cpu_has_avx2_fma() && CPU_SUPPORTS("avx512f");
   return has;
-#else
-  return false;
-#endif
 }
 
 bool cpu_has_avx512_vnni() {
-#ifdef HAVE_X86_KERNELS
-  static const bool has = cpu_has_avx512() && __builtin_cpu_supports("avx512bw") &&
-                          __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512vnni");
+  static const bool has =
+      cpu_has_avx512() && CPU_SUPPORTS("avx512bw") && CPU_SUPPORTS("avx512vl") && CPU_SUPPORTS("avx512vnni");
   return has;
-#else
-  return false;
-#endif
 }
 
 bool cpu_has_avx512_bf16() {
-#ifdef HAVE_X86_KERNELS
-  static const bool has = cpu_has_avx512_vnni() && __builtin_cpu_supports("avx512bf16");
+  static const bool has = cpu_has_avx512_vnni() && CPU_SUPPORTS("avx512bf16");
   return has;
-#else
-  return false;
-#endif
 }
+
+bool always() { return true; }
 
 // The streaming kernels, best first (kAvx512Vnni: kAvx512 with int8 weights by bfloat16 rows in integers;
 // kAvx512Bf16: kAvx512Vnni with bfloat16 weights by bfloat16 rows on VDPBF16PS).
 enum class Kernel { kAvx512Bf16, kAvx512Vnni, kAvx512, kAvx2, kPortable };
+
+// Each kernel's name (stream_linear's `kernel`), whether this CPU runs it, and what it needs (for the refusal).
+struct KernelEntry {
+  const char* name;
+  Kernel kernel;
+  bool (*runs)();
+  const char* needs;
+};
+constexpr KernelEntry kKernels[] = {{"avx512-bf16", Kernel::kAvx512Bf16, cpu_has_avx512_bf16, "AVX512-BF16"},
+                                    {"avx512-vnni", Kernel::kAvx512Vnni, cpu_has_avx512_vnni, "AVX512-VNNI"},
+                                    {"avx512", Kernel::kAvx512, cpu_has_avx512, "AVX-512"},
+                                    {"avx2", Kernel::kAvx2, cpu_has_avx2_fma, "AVX2 and FMA"},
+                                    {"portable", Kernel::kPortable, always, ""}};
+
+// "auto, avx512-bf16, ..., avx2 or portable": what stream_linear's `kernel` may be.
+std::string kernel_names() {
+  std::string names = "auto";
+  for (const auto& entry : kKernels) {
+    names += std::string(entry.kernel == Kernel::kPortable ? " or " : ", ") + entry.name;
+  }
+  return names;
+}
 
 void check_inputs(const torch::Tensor& x, const torch::Tensor& weight, const std::optional<torch::Tensor>& scale,
                   const std::optional<torch::Tensor>& bias) {
@@ -655,10 +670,9 @@ void run_stream(const StreamArgs<W, Out>& a, Kernel kernel) {
 
 // The best vector kernel this CPU runs, if any.
 std::optional<Kernel> vector_kernel() {
-  if (cpu_has_avx512_bf16()) return Kernel::kAvx512Bf16;
-  if (cpu_has_avx512_vnni()) return Kernel::kAvx512Vnni;
-  if (cpu_has_avx512()) return Kernel::kAvx512;
-  if (cpu_has_avx2_fma()) return Kernel::kAvx2;
+  for (const auto& entry : kKernels) {
+    if (entry.kernel != Kernel::kPortable && entry.runs()) return entry.kernel;
+  }
   return std::nullopt;
 }
 
@@ -798,11 +812,9 @@ void stream_dispatch(const torch::Tensor& x, const torch::Tensor& w, const float
 // bfloat16 rows in integers), "avx512" (AVX-512F), "avx2" (AVX2 and FMA), "portable".
 std::vector<std::string> linear_kernels_cpu() {
   std::vector<std::string> kernels;
-  if (cpu_has_avx512_bf16()) kernels.emplace_back("avx512-bf16");
-  if (cpu_has_avx512_vnni()) kernels.emplace_back("avx512-vnni");
-  if (cpu_has_avx512()) kernels.emplace_back("avx512");
-  if (cpu_has_avx2_fma()) kernels.emplace_back("avx2");
-  kernels.emplace_back("portable");
+  for (const auto& entry : kKernels) {
+    if (entry.runs()) kernels.emplace_back(entry.name);
+  }
   return kernels;
 }
 
@@ -837,29 +849,24 @@ void set_stream_prefetch_cpu(const std::string& name) {
 torch::Tensor stream_linear_cpu(torch::Tensor x, torch::Tensor weight, std::optional<torch::Tensor> scale,
                                 std::optional<torch::Tensor> bias, const std::string& kernel) {
   check_inputs(x, weight, scale, bias);
-  TORCH_CHECK(kernel == "auto" || kernel == "avx512-bf16" || kernel == "avx512-vnni" || kernel == "avx512" ||
-                  kernel == "avx2" || kernel == "portable",
-              "stream_linear: unknown kernel '", kernel,
-              "' (auto, avx512-bf16, avx512-vnni, avx512, avx2 or portable)");
-  TORCH_CHECK(kernel != "avx512-bf16" || cpu_has_avx512_bf16(), "stream_linear: this CPU has no AVX512-BF16");
-  TORCH_CHECK(kernel != "avx512-vnni" || cpu_has_avx512_vnni(), "stream_linear: this CPU has no AVX512-VNNI");
-  TORCH_CHECK(kernel != "avx512" || cpu_has_avx512(), "stream_linear: this CPU has no AVX-512");
-  TORCH_CHECK(kernel != "avx2" || cpu_has_avx2_fma(), "stream_linear: this CPU has no AVX2 and FMA");
-  const Kernel chosen = kernel == "avx512-bf16" ? Kernel::kAvx512Bf16
-                        : kernel == "avx512-vnni" ? Kernel::kAvx512Vnni
-                        : kernel == "avx512"    ? Kernel::kAvx512
-                        : kernel == "avx2"      ? Kernel::kAvx2
-                        : kernel == "portable"  ? Kernel::kPortable
-                                                : vector_kernel().value_or(Kernel::kPortable);
+  std::optional<Kernel> chosen;
+  for (const auto& entry : kKernels) {
+    if (kernel != entry.name) continue;
+    TORCH_CHECK(entry.runs(), "stream_linear: this CPU has no ", entry.needs);
+    chosen = entry.kernel;
+  }
+  // (the message is built only when the check fails: once per product would be a hot path)
+  TORCH_CHECK(kernel == "auto" || chosen, "stream_linear: unknown kernel '", kernel, "' (", kernel_names(), ")");
+  if (!chosen) chosen = vector_kernel().value_or(Kernel::kPortable);
   const auto w = contiguous(weight);
   const auto sf = as_floats(scale), bf = as_floats(bias);
   auto out = torch::empty({x.size(0), w.size(0)}, x.options());
   const float* s = scale ? sf.data() : nullptr;
   const float* b = bias ? bf.data() : nullptr;
   if (w.scalar_type() == torch::kChar) {
-    stream_dispatch<int8_t>(x, w, s, b, out, chosen);
+    stream_dispatch<int8_t>(x, w, s, b, out, *chosen);
   } else {
-    stream_dispatch<uint16_t>(x, w, s, b, out, chosen);
+    stream_dispatch<uint16_t>(x, w, s, b, out, *chosen);
   }
   return out;
 }
