@@ -300,6 +300,18 @@ def test_amx_product_is_the_float64_product_up_to_float32_sums_and_one_rounding(
 
 
 @amx
+@pytest.mark.parametrize(("rows", "n", "k"), [(16, 40, 32), (64, 37, 768), (32, 64, 3072)])
+def test_amx_reads_whole_tiles_of_x_in_place_with_the_bits_of_its_padded_copy(rows, n, k):
+    """Rows filling whole tiles are read from x itself; one row more sends them through the zero-padded copy."""
+    weight, _, _ = _weights("bfloat16", n, k, seed=rows + k)
+    packed = extension().amx_pack_weight(weight)
+    x = torch.randn(rows + 1, k, generator=torch.Generator().manual_seed(k)).to(torch.bfloat16)
+    in_place = extension().amx_linear(x[:rows], packed, n, None)
+    through_copy = extension().amx_linear(x, packed, n, None)[:rows]
+    assert torch.equal(in_place, through_copy)
+
+
+@amx
 def test_amx_packing_is_the_weight_tile_by_tile():
     """The layout the kernel reads: pairs of 16 outputs, 32-wide blocks of k, neighbouring k side by side."""
     weight = torch.arange(45 * 70, dtype=torch.float32).view(45, 70).to(torch.bfloat16)

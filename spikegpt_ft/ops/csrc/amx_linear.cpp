@@ -10,10 +10,11 @@
 //
 // The weight is laid out once (`amx_pack_weight`): output channels in pairs of 16 (two B tiles), and for each
 // pair the 32-wide blocks of the reduction one after the other, each 16 x 16 x 2 as TDPBF16PS reads B (pairs
-// of neighbouring k side by side), zero-padded to whole tiles. Each call lays x out as A tiles (16 rows x 32 k,
-// zero-padded). The tiles: 4 accumulators (2 x 2 blocks of 16 x 16), 2 A, 2 B; for every pair of output
-// tiles the rows run 32 at a time over the whole reduction, so each weight tile is read from memory once and,
-// for more than 32 rows, again from the cache.
+// of neighbouring k side by side), zero-padded to whole tiles. x is read as A tiles (16 rows x 32 k): from x
+// itself where its rows fill whole tiles (16 rows, K apart), else from a zero-padded copy laid out per call. The
+// tiles: 4 accumulators (2 x 2 blocks of 16 x 16), 2 A, 2 B; for every pair of output tiles the rows run 32 at a
+// time over the whole reduction, so each weight tile is read from memory once and, for more than 32 rows, again
+// from the cache.
 //
 // Arithmetic: TDPBF16PS multiplies bfloat16 pairs exactly and accumulates in float32 (denormal inputs and
 // results as zero); the bias (float32 of its stored value) is added, and the sum rounded once to bfloat16,
@@ -94,10 +95,16 @@ __attribute__((target("amx-tile"))) void configure_tiles() {
   _tile_loadconfig(&config);
 }
 
-// Rows [32 mp, 32 mp + 32) (one tile of them if `two_m` is false) by one pair of weight tiles over the whole
-// reduction; the four 16 x 16 float32 results in c, tile (m, n) at (2 m + n) * 256.
+// Where the A tiles are: tile (block kb, m tile t) at x + kb * block + t * tile, its rows `stride` bytes apart.
+struct ATiles {
+  const uint16_t* x;
+  int64_t block, tile, stride;
+};
+
+// Rows [32 mp, 32 mp + 32) (one tile of them if `two_m` is false; a_tiles from their first tile) by one pair of
+// weight tiles over the whole reduction; the four 16 x 16 float32 results in c, tile (m, n) at (2 m + n) * 256.
 template <bool two_m>
-AMX_TARGET void pair_pass(const uint16_t* x, int64_t x_block, const uint16_t* w, int64_t blocks, float* c) {
+AMX_TARGET void pair_pass(const ATiles& a_tiles, const uint16_t* w, int64_t blocks, float* c) {
   _tile_zero(0);
   _tile_zero(1);
   if (two_m) {
@@ -105,15 +112,15 @@ AMX_TARGET void pair_pass(const uint16_t* x, int64_t x_block, const uint16_t* w,
     _tile_zero(3);
   }
   for (int64_t kb = 0; kb < blocks; ++kb) {
-    const uint16_t* a = x + kb * x_block;
+    const uint16_t* a = a_tiles.x + kb * a_tiles.block;
     const uint16_t* b = w + kb * kPairBlockElems;
-    _tile_loadd(4, a, 64);
+    _tile_loadd(4, a, a_tiles.stride);
     _tile_loadd(6, b, 64);
     _tile_dpbf16ps(0, 4, 6);
     _tile_loadd(7, b + kTileElems, 64);
     _tile_dpbf16ps(1, 4, 7);
     if (two_m) {
-      _tile_loadd(5, a + kTileElems, 64);
+      _tile_loadd(5, a + a_tiles.tile, a_tiles.stride);
       _tile_dpbf16ps(2, 5, 6);
       _tile_dpbf16ps(3, 5, 7);
     }
@@ -127,7 +134,7 @@ AMX_TARGET void pair_pass(const uint16_t* x, int64_t x_block, const uint16_t* w,
 }
 
 struct Product {
-  const uint16_t* x;  // A tiles: [blocks][m_tiles][16][32]
+  ATiles a;           // x's tiles
   const uint16_t* w;  // the packed weight
   const float* bias;  // float32 [N] or null
   uint16_t* out;      // bfloat16 [M, N]
@@ -141,11 +148,12 @@ AMX_TARGET void run_pairs(const Product& q, int64_t p0, int64_t p1) {
   for (int64_t p = p0; p < p1; ++p) {
     const uint16_t* w = q.w + p * q.blocks * kPairBlockElems;
     for (int64_t mp = 0; 2 * mp < q.m_tiles; ++mp) {
-      const uint16_t* x = q.x + 2 * mp * kTileElems;
+      ATiles a = q.a;
+      a.x += 2 * mp * a.tile;
       if (2 * mp + 1 < q.m_tiles) {
-        pair_pass<true>(x, q.m_tiles * kTileElems, w, q.blocks, c);
+        pair_pass<true>(a, w, q.blocks, c);
       } else {
-        pair_pass<false>(x, q.m_tiles * kTileElems, w, q.blocks, c);
+        pair_pass<false>(a, w, q.blocks, c);
       }
       for (int nt = 0; nt < 2; ++nt) {
         const int64_t n0 = p * kPairN + nt * kTileN;
@@ -204,30 +212,34 @@ torch::Tensor amx_linear_cpu(torch::Tensor x, torch::Tensor packed, int64_t N, s
   if (M == 0 || N == 0) return out;
 #ifdef HAVE_AMX_KERNEL
   const int64_t m_tiles = ceil_div(M, kTileN);
-  // A tiles [block][m tile][16 rows][32], zero-padded: rows copied 32 elements (a cache line) at a time. Zero-filled
-  // first only where x leaves padding (at 64 rows of the 216M model the fills took 1.7 ms of a 57 ms step,
-  // torch.profiler). The whole blocks are copied with a size the compiler knows, so that each copy is one vector
-  // move rather than a call (as a call per block, they took 6.4 % of that step's samples on its two threads in perf,
-  // and the step 45.7 - 47.5 ms against 41.5 - 44.2 ms now, three alternating runs).
-  const bool padded = M % kTileN != 0 || K % kTileK != 0;
-  auto tiles = padded ? torch::zeros({blocks, m_tiles, kTileN, kTileK}, x.options())
-                      : torch::empty({blocks, m_tiles, kTileN, kTileK}, x.options());
   const auto xc = x.contiguous();
   const auto* src = reinterpret_cast<const uint16_t*>(xc.data_ptr());
-  auto* dst = reinterpret_cast<uint16_t*>(tiles.data_ptr());
-  const int64_t whole = K / kTileK, block_stride = m_tiles * kTileElems;
-  for (int64_t m = 0; m < M; ++m) {
-    const uint16_t* row = src + m * K;
-    uint16_t* tile_row = dst + (m / kTileN) * kTileElems + (m % kTileN) * kTileK;
-    for (int64_t kb = 0; kb < whole; ++kb) {
-      std::memcpy(tile_row + kb * block_stride, row + kb * kTileK, kTileK * sizeof(uint16_t));
+  // Where x's rows fill whole tiles (M a multiple of 16, K of 32), the A tiles are read from x itself: tile (kb, t)
+  // is its rows 16 t .. 16 t + 15 from column 32 kb. The copy below took 18 MB per step at 64 rows of the 216M
+  // model, on the calling thread alone while the others waited; the tiles hold the same values either way.
+  ATiles a{src, kTileK, kTileN * K, K * static_cast<int64_t>(sizeof(uint16_t))};
+  torch::Tensor tiles;
+  if (M % kTileN != 0 || K % kTileK != 0) {
+    // A tiles [block][m tile][16 rows][32], zero-padded: rows copied 32 elements (a cache line) at a time. The
+    // whole blocks are copied with a size the compiler knows, so that each copy is one vector move rather than a
+    // call (as a call per block, they took 6.4 % of a 64-row step's samples on its two threads in perf).
+    tiles = torch::zeros({blocks, m_tiles, kTileN, kTileK}, x.options());
+    auto* dst = reinterpret_cast<uint16_t*>(tiles.data_ptr());
+    const int64_t whole = K / kTileK, block_stride = m_tiles * kTileElems;
+    for (int64_t m = 0; m < M; ++m) {
+      const uint16_t* row = src + m * K;
+      uint16_t* tile_row = dst + (m / kTileN) * kTileElems + (m % kTileN) * kTileK;
+      for (int64_t kb = 0; kb < whole; ++kb) {
+        std::memcpy(tile_row + kb * block_stride, row + kb * kTileK, kTileK * sizeof(uint16_t));
+      }
+      if (whole < blocks) {
+        std::memcpy(tile_row + whole * block_stride, row + whole * kTileK, (K - whole * kTileK) * sizeof(uint16_t));
+      }
     }
-    if (whole < blocks) {
-      std::memcpy(tile_row + whole * block_stride, row + whole * kTileK, (K - whole * kTileK) * sizeof(uint16_t));
-    }
+    a = ATiles{dst, block_stride, kTileElems, kTileK * static_cast<int64_t>(sizeof(uint16_t))};
   }
   const auto bias_f = bias ? std::optional<torch::Tensor>(bias->to(torch::kFloat32).contiguous()) : std::nullopt;
-  const Product q{dst, reinterpret_cast<const uint16_t*>(packed.data_ptr()),
+  const Product q{a, reinterpret_cast<const uint16_t*>(packed.data_ptr()),
                   bias_f ? bias_f->data_ptr<float>() : nullptr, reinterpret_cast<uint16_t*>(out.data_ptr()),
                   M, N, blocks, m_tiles};
   const int64_t grain = std::max<int64_t>(1, kMinWeightsPerThread / (kPairN * blocks * kTileK));
