@@ -215,8 +215,9 @@ torch::Tensor amx_linear_cpu(torch::Tensor x, torch::Tensor packed, int64_t N, s
   const auto xc = x.contiguous();
   const auto* src = reinterpret_cast<const uint16_t*>(xc.data_ptr());
   // Where x's rows fill whole tiles (M a multiple of 16, K of 32), the A tiles are read from x itself: tile (kb, t)
-  // is its rows 16 t .. 16 t + 15 from column 32 kb. The copy below took 18 MB per step at 64 rows of the 216M
-  // model, on the calling thread alone while the others waited; the tiles hold the same values either way.
+  // is its rows 16 t .. 16 t + 15 from column 32 kb; the tiles hold the same values as through the copy below, which
+  // moved 18 MB per step at 64 rows of the 216M model on the calling thread alone while the others waited (the bf16
+  // step on the Intel Xeon of BENCHMARKS.md: 35.7 - 39.2 ms in place against 41.6 - 42.9 ms, alternating runs).
   ATiles a{src, kTileK, kTileN * K, K * static_cast<int64_t>(sizeof(uint16_t))};
   torch::Tensor tiles;
   if (M % kTileN != 0 || K % kTileK != 0) {
