@@ -25,6 +25,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
+#include <memory>
 #include <optional>
 #include <vector>
 
@@ -271,6 +272,8 @@ constexpr int64_t kTileBytes = 1024;  // 16 rows of 64 bytes
 // Rows of x whose B tiles fill at most this many bytes go through the weights together: the B tiles of every pair
 // of output channels then come from the L2 cache (2 MiB per core on the Xeon of BENCHMARKS.md).
 constexpr int64_t kPanelBytes = 1 << 20;
+// B-tile bytes per thread below which laying them out on a second thread costs more than it saves.
+constexpr int64_t kMinLayoutBytesPerThread = 1 << 16;
 
 // M rows of x (their digits laid out as B tiles) by the weight, into out[M, N].
 struct DigitProduct {
@@ -409,16 +412,24 @@ void amx_product(const DigitRows& x, int64_t M, const int8_t* w, int64_t N, int6
   for (int64_t m0 = 0; m0 < M; m0 += panel_rows) {
     const int64_t rows = std::min(panel_rows, M - m0), digit_rows = rows * kDigits;
     const int64_t columns = ceil_div(digit_rows, kPairN) * kPairN, column_tiles = columns / kTileN;
-    // B tiles: digit row r's bytes k .. k + 3 of block kb at row (k % 64) / 4, bytes 4 (r % 16) of tile (kb, r / 16)
-    std::vector<int8_t> b(blocks * column_tiles * kTileBytes, 0);
-    for (int64_t r = 0; r < digit_rows; ++r) {
-      const int8_t* digits = x.digits.data() + (m0 * kDigits + r) * x.stride;
-      for (int64_t kb = 0; kb < blocks; ++kb) {
-        int8_t* tile = b.data() + (kb * column_tiles + r / kTileN) * kTileBytes + (r % kTileN) * 4;
-        for (int64_t g = 0; g < kBlockBytes / 4; ++g) std::memcpy(tile + g * 64, digits + kb * kBlockBytes + 4 * g, 4);
+    // B tiles: digit row r's bytes k .. k + 3 of block kb at row (k % 64) / 4, bytes 4 (r % 16) of tile (kb, r / 16);
+    // zero-padded. Laid out block by block over the threads (a block's tiles share no cache line with another's): on
+    // the calling thread alone, while the others waited, the int8 216M step at 64 rows took 47.3 - 50.2 ms on the
+    // Intel Xeon of BENCHMARKS.md, 44.8 - 47.4 ms so (five alternating pairs of processes).
+    std::unique_ptr<int8_t[]> b(new int8_t[blocks * column_tiles * kTileBytes]);
+    const int64_t layout_grain = std::max<int64_t>(1, kMinLayoutBytesPerThread / (column_tiles * kTileBytes));
+    at::parallel_for(0, blocks, layout_grain, [&](int64_t kb0, int64_t kb1) {
+      for (int64_t kb = kb0; kb < kb1; ++kb) {
+        int8_t* block_tiles = b.get() + kb * column_tiles * kTileBytes;
+        std::memset(block_tiles, 0, column_tiles * kTileBytes);
+        for (int64_t r = 0; r < digit_rows; ++r) {
+          const int8_t* digits = x.digits.data() + (m0 * kDigits + r) * x.stride + kb * kBlockBytes;
+          int8_t* tile = block_tiles + (r / kTileN) * kTileBytes + (r % kTileN) * 4;
+          for (int64_t g = 0; g < kBlockBytes / 4; ++g) std::memcpy(tile + g * 64, digits + 4 * g, 4);
+        }
       }
-    }
-    const DigitProduct q{w, b.data(), x.units.data() + m0, scale, bias, out + m0 * N, rows, N, K, blocks, columns};
+    });
+    const DigitProduct q{w, b.get(), x.units.data() + m0, scale, bias, out + m0 * N, rows, N, K, blocks, columns};
     at::parallel_for(0, ceil_div(N, kPairN), grain, [&](int64_t p0, int64_t p1) { digit_pairs(q, p0, p1); });
   }
 #endif
