@@ -472,7 +472,10 @@ struct Avx512Bf16 {
 // software prefetch ahead of it (rows far apart are several streams, which read slower); where they come from the
 // cache, Isa::kWeightRows rows at a time; then one by one. A row's sums are the same either way. The row kernels
 // carry their instruction set's target attribute (a shared template could only carry both, and then emit AVX-512
-// into the AVX2 kernel), so they stay apart; this loop is common.
+// into the AVX2 kernel), so they stay apart; this loop is common. Their shared lines (zeroing the sums, prefetching
+// a line of each row) stay written out in each: as one inline helper without a target, GCC compiled the VDPBF16PS
+// kernel's loops differently and the bf16 216M step at batch 1 took 17.9 - 18.2 ms against 13.6 - 14.2 ms (the
+// Intel Xeon of BENCHMARKS.md, three alternating pairs of processes).
 template <typename Isa, int M, typename W, typename Out>
 void stream_vector_m(const StreamArgs<W, Out>& a, int64_t n0, int64_t n1) {
   constexpr int R = Isa::template kWeightRows<M>;
