@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
+import platform
 from pathlib import Path
 from types import ModuleType
 
@@ -27,6 +29,31 @@ CPU_SOURCES = (
 )  # fmt: skip
 #: The CUDA sources added when a GPU build is possible.
 CUDA_SOURCES = ("wkv_cuda.cu",)
+
+#: The environment variable that builds the CPU loops of ``csrc/cpu_clones.h`` for one target only, and the
+#: define each of its values sets. Unset, the loops are compiled for AVX-512, AVX2 and the baseline x86-64 and
+#: the loader picks one per CPU; ``avx2`` or ``baseline`` runs on this machine the loops that machines without
+#: AVX-512 (or without AVX2) run, to check them (``tests/test_cpu_loops.py``) or to reproduce their results.
+CPU_LOOPS_VARIABLE = "SPIKEGPT_FT_CPU_LOOPS"
+CPU_LOOPS_DEFINES = {"avx2": "-DSPIKEGPT_FT_CPU_LOOPS_AVX2", "baseline": "-DSPIKEGPT_FT_CPU_LOOPS_BASELINE"}
+
+
+def requested_cpu_loops() -> str | None:
+    """The one target :data:`CPU_LOOPS_VARIABLE` asks the CPU loops to be built for, or ``None`` (all of them).
+
+    Raises ``ValueError`` for a value it does not know, away from x86-64, or for AVX2 loops on a CPU without AVX2
+    (they would stop the process with an illegal instruction).
+    """
+    loops = os.environ.get(CPU_LOOPS_VARIABLE, "")
+    if not loops:
+        return None
+    if loops not in CPU_LOOPS_DEFINES:
+        raise ValueError(f"{CPU_LOOPS_VARIABLE}={loops!r}: expected one of {sorted(CPU_LOOPS_DEFINES)}, or unset")
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        raise ValueError(f"{CPU_LOOPS_VARIABLE}={loops!r}: x86-64 targets only, not {platform.machine()}")
+    if loops == "avx2" and torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"):
+        raise ValueError(f"{CPU_LOOPS_VARIABLE}=avx2: this CPU has no AVX2")
+    return loops
 
 
 def cuda_buildable() -> bool:
@@ -51,18 +78,22 @@ def extension(with_cuda: bool | None = None) -> ModuleType:
             "a GPU is present but no CUDA toolkit (nvcc, CUDA_HOME) was found: the kernels are built for the CPU "
             "only, and the model cannot run on the GPU"
         )
+    loops = requested_cpu_loops()
     sources = [KERNEL_DIR / s for s in CPU_SOURCES + (CUDA_SOURCES if with_cuda else ())]
     missing = [str(s) for s in sources if not s.is_file()]
     if missing:
         raise FileNotFoundError(f"kernel sources not found: {missing}; this installation of spikegpt_ft is incomplete")
     log.info("loading the compiled kernels (the first use on a machine compiles them, about a minute)")
+    name = "spikegpt_ft_kernels_cuda" if with_cuda else "spikegpt_ft_kernels_cpu"
     return load(
-        name="spikegpt_ft_kernels_cuda" if with_cuda else "spikegpt_ft_kernels_cpu",
+        name=name if loops is None else f"{name}_{loops}_loops",
         sources=[str(s) for s in sources],
         # -fopenmp: at::parallel_for splits the work over threads only when compiled with OpenMP;
         # -ffast-math: lets GCC vectorise exp/log (glibc's libmvec). The kernels use no inf/NaN.
         # lif_cpu.cpp switches it off for its own functions: its results must be bitwise SpikingJelly's.
-        extra_cflags=["-O3", "-ffast-math", "-fopenmp"] + (["-DWITH_CUDA"] if with_cuda else []),
+        extra_cflags=["-O3", "-ffast-math", "-fopenmp"]
+        + (["-DWITH_CUDA"] if with_cuda else [])
+        + ([CPU_LOOPS_DEFINES[loops]] if loops else []),
         extra_ldflags=["-fopenmp"],
         extra_cuda_cflags=["-O3", "-DWITH_CUDA"],
         with_cuda=with_cuda,

@@ -5,6 +5,9 @@
 #include <torch/extension.h>
 
 #include <optional>
+#include <string>
+
+#include "cpu_clones.h"
 
 #ifdef WITH_CUDA
 #include "wkv_core.h"
@@ -155,6 +158,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("wkv_backward", &wkv_backward,
         "WKV backward: (w, u, k, v, r or None, y, log_den, gout, state, chunk_len, cuda_stream) -> "
         "(gw[B*chunks,C], gu[B*chunks,C], gk, gv, gr)");
+  m.def("cpu_loops", [] { return std::string(CPU_LOOPS); },
+        "the targets this build compiled its CPU loops for (cpu_clones.h): 'avx512f, avx2, baseline' (the loader "
+        "picks one per CPU), or the one that SPIKEGPT_FT_CPU_LOOPS asked for");
   m.def("linear_kernels", &linear_kernels_cpu, "the streaming product kernels this CPU runs, best first");
   m.def("stream_linear", &stream_linear_cpu,
         "linear, streaming the weights (cpu): (x[M,K], weight[N,K] bf16 or int8, scale[N] (int8) or None, "
