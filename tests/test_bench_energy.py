@@ -11,6 +11,7 @@ from helpers import tiny_model
 
 from spikegpt_ft.adapters import attach_adapters
 from spikegpt_ft.model import SpikeGPTConfig
+from spikegpt_ft.ops import extension
 from spikegpt_ft.ops.linear import product_kernel, stream_prefetch
 from spikegpt_ft.tools import bench, energy
 
@@ -28,6 +29,7 @@ def test_bench_all_tiny_writes_json(tmp_path, capsys):
     env = data["env"]
     for key in ("device", "device_name", "torch", "cuda", "threads", "dtype", "model_shape", "cpu_simd_flags"):
         assert key in env
+    assert env["cpu_loops"] == extension().cpu_loops()  # which compiled loops ran (SPIKEGPT_FT_CPU_LOOPS)
     assert env["model_shape"] == {"layers": 1, "embd": 32, "vocab": 97, "ffn": 128}
     assert env["command"].startswith("spikegpt-ft bench")
     names = {r["name"] for r in data["results"]}

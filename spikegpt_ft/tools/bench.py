@@ -103,6 +103,8 @@ def environment(device: torch.device, dtype: torch.dtype) -> dict:
         "device": str(device),
         "device_name": device_name(device),
         "cpu_simd_flags": sorted(f for f in SIMD_FLAGS if f in cpu_flags()),
+        # the targets of the compiled CPU loops (one alone where SPIKEGPT_FT_CPU_LOOPS asked for it)
+        "cpu_loops": extension().cpu_loops(),
         "torch": torch.__version__,
         "cuda": torch.version.cuda,
         "cudnn": torch.backends.cudnn.version() if device.type == "cuda" else None,
