@@ -27,7 +27,6 @@
 #include <vector>
 
 #include "cpu_clones.h"
-#include "cpu_floats.h"
 #include "wkv_core.h"
 
 namespace {
@@ -90,8 +89,9 @@ CPU_CLONES void summarize_forward(const S* __restrict__ w, const S* __restrict__
 // that the inner loops below carry no branch and vectorise.
 
 // Outputs of tokens [t0, t1) from the state `start` ([3, C]), and their gated outputs; the state after
-// them goes to `end` when it is not null.
-template <bool kGated, typename S>
+// them goes to `end` when it is not null. kTrace: also store y and log_den, which only the backward reads (the
+// recurrent step stores neither: y and log_den are null there).
+template <bool kGated, typename S, bool kTrace = true>
 CPU_CLONES void forward_chunk(const S* __restrict__ w, const S* __restrict__ u, const S* __restrict__ k,
                               const S* __restrict__ v, const S* __restrict__ r, const S* __restrict__ start,
                               S* __restrict__ y, S* __restrict__ log_den, S* __restrict__ out, S* __restrict__ end,
@@ -108,8 +108,10 @@ CPU_CLONES void forward_chunk(const S* __restrict__ w, const S* __restrict__ u, 
       const int64_t i = row + j;
       S yt, ld;
       wkv::forward_token(a[j], b[j], p[j], w[at.c0 + j], u[at.c0 + j], k[i], v[i], yt, ld);
-      y[i] = yt;
-      log_den[i] = ld;
+      if constexpr (kTrace) {
+        y[i] = yt;
+        log_den[i] = ld;
+      }
       if constexpr (kGated) out[i] = wkv::sigmoid_(r[i]) * yt;
     }
   }
@@ -226,13 +228,13 @@ S* offset(S* p, int64_t n) {
 }
 
 // Every sequence in one chunk (the whole of its T tokens): [B, T, C] arrays, the states [B, 3, C].
-template <bool kGated, typename S>
+template <bool kGated, typename S, bool kTrace = true>
 void forward_whole(const S* w, const S* u, const S* k, const S* v, const S* r, const S* state_in, S* y, S* log_den,
                    S* out, S* state_out, int64_t B, int64_t T, int64_t C) {
   parallel_over(B, C, 1, T, [&](const Work& at) {
     const int64_t seq = at.b * T * C, st = at.b * 3 * C;
-    forward_chunk<kGated>(w, u, k + seq, v + seq, offset(r, seq), state_in + st, y + seq, log_den + seq,
-                          offset(out, seq), state_out + st, C, at, 0, T);
+    forward_chunk<kGated, S, kTrace>(w, u, k + seq, v + seq, offset(r, seq), state_in + st, offset(y, seq),
+                                     offset(log_den, seq), offset(out, seq), state_out + st, C, at, 0, T);
   });
 }
 
@@ -299,11 +301,13 @@ std::vector<torch::Tensor> wkv_forward_cpu(torch::Tensor w, torch::Tensor u, tor
 // One token per sequence from raw float32 arrays, for the recurrent step (decode_cpu.cpp), which holds its
 // operands as arrays rather than tensors: w, u [C]; k, v, r [B, C]; the state [B, 3, C] before (state_in) and
 // after (state_out); the gated output sigmoid(r) y into out [B, C]. The forward above with T = 1, through the
-// same loop, so the results are bitwise those of wkv_forward_cpu.
+// same loop, so the results are bitwise those of wkv_forward_cpu; y and log_den, which only the backward reads,
+// are neither stored nor allocated (on the Intel Xeon of BENCHMARKS.md the bf16 step of the 216M model at 64 rows
+// took 34.7 - 38.2 ms so, median 35.8, against 34.7 - 38.4 ms, median 36.6, storing them: nine alternating pairs of
+// processes, faster in eight; at batch 1 no difference).
 void wkv_step_cpu(const float* w, const float* u, const float* k, const float* v, const float* r,
                   const float* state_in, float* state_out, float* out, int64_t B, int64_t C) {
-  cpu_floats::Floats y(B * C), log_den(B * C);  // what only the backward needs
-  forward_whole<true>(w, u, k, v, r, state_in, y.data(), log_den.data(), out, state_out, B, 1, C);
+  forward_whole<true, float, false>(w, u, k, v, r, state_in, nullptr, nullptr, out, state_out, B, 1, C);
 }
 
 // gout: the gradient of forward's `out`. Returns (gw, gu, gk, gv, gr); gr is empty without r.
