@@ -10,21 +10,23 @@ the compiled step bitwise the modules' path, recurrent equal to parallel, every 
 from __future__ import annotations
 
 import os
-import platform
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-import torch
 
 from spikegpt_ft.ops import extension
-from spikegpt_ft.ops.extension import CPU_LOOPS_DEFINES, CPU_LOOPS_VARIABLE, requested_cpu_loops
+from spikegpt_ft.ops.extension import (
+    CPU_LOOPS_DEFINES,
+    CPU_LOOPS_VARIABLE,
+    cpu_loops_unavailable,
+    requested_cpu_loops,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 #: The tests of what the cloned loops compute.
 LOOP_TESTS = ["test_lif.py", "test_wkv.py", "test_decode_step.py", "test_decoding.py", "test_read_bytes.py"]
-x86 = platform.machine().lower() in ("x86_64", "amd64")
 
 
 def run_with_loops(loops: str, command: list[str], timeout: float) -> subprocess.CompletedProcess:
@@ -32,12 +34,11 @@ def run_with_loops(loops: str, command: list[str], timeout: float) -> subprocess
     return subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
 
 
-@pytest.mark.parametrize("loops", ["avx2", "baseline"])
+@pytest.mark.parametrize("loops", sorted(CPU_LOOPS_DEFINES))
 def test_the_loop_tests_pass_on_the_loops_machines_without_avx512_run(loops):
-    if not x86:
-        pytest.skip("the loops have x86-64 targets only")
-    if loops == "avx2" and torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"):
-        pytest.skip("this CPU has no AVX2")
+    unavailable = cpu_loops_unavailable(loops)
+    if unavailable is not None:
+        pytest.skip(unavailable)
     probe = "from spikegpt_ft.ops import extension; print(extension().cpu_loops())"
     built = run_with_loops(loops, [sys.executable, "-c", probe], timeout=900)  # the build: a minute or two
     assert built.returncode == 0, built.stderr[-3000:]

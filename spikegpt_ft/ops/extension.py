@@ -38,21 +38,30 @@ CPU_LOOPS_VARIABLE = "SPIKEGPT_FT_CPU_LOOPS"
 CPU_LOOPS_DEFINES = {"avx2": "-DSPIKEGPT_FT_CPU_LOOPS_AVX2", "baseline": "-DSPIKEGPT_FT_CPU_LOOPS_BASELINE"}
 
 
+def cpu_loops_unavailable(loops: str) -> str | None:
+    """Why this machine cannot run the CPU loops built for ``loops`` alone (a key of :data:`CPU_LOOPS_DEFINES`),
+    or ``None`` where it can: they have x86-64 targets only, and AVX2 loops on a CPU without AVX2 would stop the
+    process with an illegal instruction."""
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        return f"x86-64 targets only, not {platform.machine()}"
+    if loops == "avx2" and torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"):
+        return "this CPU has no AVX2"
+    return None
+
+
 def requested_cpu_loops() -> str | None:
     """The one target :data:`CPU_LOOPS_VARIABLE` asks the CPU loops to be built for, or ``None`` (all of them).
 
-    Raises ``ValueError`` for a value it does not know, away from x86-64, or for AVX2 loops on a CPU without AVX2
-    (they would stop the process with an illegal instruction).
+    Raises ``ValueError`` for a value it does not know, or one this machine cannot run (:func:`cpu_loops_unavailable`).
     """
     loops = os.environ.get(CPU_LOOPS_VARIABLE, "")
     if not loops:
         return None
     if loops not in CPU_LOOPS_DEFINES:
         raise ValueError(f"{CPU_LOOPS_VARIABLE}={loops!r}: expected one of {sorted(CPU_LOOPS_DEFINES)}, or unset")
-    if platform.machine().lower() not in ("x86_64", "amd64"):
-        raise ValueError(f"{CPU_LOOPS_VARIABLE}={loops!r}: x86-64 targets only, not {platform.machine()}")
-    if loops == "avx2" and torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"):
-        raise ValueError(f"{CPU_LOOPS_VARIABLE}=avx2: this CPU has no AVX2")
+    unavailable = cpu_loops_unavailable(loops)
+    if unavailable is not None:
+        raise ValueError(f"{CPU_LOOPS_VARIABLE}={loops!r}: {unavailable}")
     return loops
 
 
