@@ -159,7 +159,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "WKV backward: (w, u, k, v, r or None, y, log_den, gout, state, chunk_len, cuda_stream) -> "
         "(gw[B*chunks,C], gu[B*chunks,C], gk, gv, gr)");
   m.def("cpu_loops", [] { return std::string(CPU_LOOPS); },
-        "the targets this build compiled its CPU loops for (cpu_clones.h): 'avx512f, avx2, baseline' (the loader "
+        "the targets this build compiled its CPU loops for (cpu_clones.h): 'x86-64-v4, avx2, baseline' (the loader "
         "picks one per CPU), or the one that SPIKEGPT_FT_CPU_LOOPS asked for");
   m.def("linear_kernels", &linear_kernels_cpu, "the streaming product kernels this CPU runs, best first");
   m.def("stream_linear", &stream_linear_cpu,

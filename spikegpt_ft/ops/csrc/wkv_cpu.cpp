@@ -9,7 +9,7 @@
 // it (for AVX-512 and AVX2 too, see cpu_clones.h). Built with -ffast-math, those clones may differ from one another
 // in the last bits (each has its own width of vector exp and log, and may order operations its own way; which of
 // these it is was not traced): on the Intel Xeon of BENCHMARKS.md the AVX2 and the baseline loops' y, state and
-// gradients were within 4.8e-7 of the AVX-512 loops' (values of order 1), each within the tests' bounds
+// gradients were within 4.8e-7 of the x86-64-v4 (AVX-512) loops' (values of order 1), each within the tests' bounds
 // (tests/test_cpu_loops.py runs the WKV tests on each).
 //
 // `chunk_len` cuts T into chunks that are run in parallel too (see wkv_core.h); 0 means one chunk,
