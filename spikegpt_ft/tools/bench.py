@@ -28,6 +28,7 @@ import contextlib
 import json
 import os
 import platform
+import shlex
 import statistics
 import sys
 import time
@@ -97,8 +98,8 @@ def _reset_peak(device: torch.device) -> None:
 SIMD_FLAGS = ("avx2", "fma", "avx512f", "avx512_bf16", "avx512_vnni", "amx_bf16", "amx_int8", "asimd", "sve")
 
 
-def environment(device: torch.device, dtype: torch.dtype) -> dict:
-    """Where the numbers come from: device, versions, threads and load."""
+def environment(device: torch.device, dtype: torch.dtype, argv: list[str]) -> dict:
+    """Where the numbers come from: device, versions, threads, load, and the command (``argv``: bench's arguments)."""
     return {
         "device": str(device),
         "device_name": device_name(device),
@@ -113,7 +114,7 @@ def environment(device: torch.device, dtype: torch.dtype) -> dict:
         "cpu_count": os.cpu_count(),
         "load_average_at_start": os.getloadavg() if hasattr(os, "getloadavg") else None,
         "dtype": str(dtype).removeprefix("torch."),
-        "command": " ".join(["spikegpt-ft bench", *sys.argv[1:]]),
+        "command": shlex.join(["spikegpt-ft", "bench", *argv]),
     }
 
 
@@ -649,6 +650,7 @@ def _defaults(args: argparse.Namespace, device: torch.device) -> None:
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
@@ -659,7 +661,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     _defaults(args, device)
     if args.cuda_graph and device.type != "cuda":
         raise SystemExit("--cuda-graph needs --device cuda (a CUDA graph does not exist on the CPU)")
-    env = environment(device, dtype)
+    env = environment(device, dtype, argv)
     env["model_shape"] = {"layers": args.layers, "embd": args.embd, "vocab": args.vocab, "ffn": 4 * args.embd}
     sections = SECTIONS if args.what == "all" else (args.what,)
     results = []
