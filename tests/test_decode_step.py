@@ -189,8 +189,9 @@ def test_decode_blocks_reads_a_strided_state_as_its_values_and_refuses_one_not_i
 
 
 def adapted(kind: str, gate: str = "temporal", precision: str = "float32", seed: int = 1):
-    """A model with adapters on every linear layer of its blocks, their B random so that the updates matter."""
-    model = attach_adapters(tiny_model(vocab=VOCAB, n_embd=24, seed=seed), kind=kind, r=4, gate=gate).eval()
+    """A model with adapters on every linear layer of its blocks, their B random so that the updates matter, and a
+    scaling (0.3) that is no power of two, so that multiplying by it rounds."""
+    model = attach_adapters(tiny_model(vocab=VOCAB, n_embd=24, seed=seed), kind=kind, r=4, alpha=1.2, gate=gate).eval()
     with torch.no_grad():
         for name, p in model.named_parameters():
             if "lora_B" in name:
