@@ -151,6 +151,23 @@ def test_the_inputs_of_decode_blocks_are_left_as_they_were():
     assert all(torch.equal(state.membranes[k], v) for k, v in before.items())
 
 
+@pytest.mark.parametrize("precision", ["float32", "bfloat16"])
+def test_decode_blocks_takes_shifts_of_any_float32_values_as_model_step_does(precision):
+    """Shifts that are no bfloat16 values (decoding itself only writes the step's own values there): the kernel
+    rounds them to the step's dtype where the modules do, so the token after them is model.step's."""
+    with torch.no_grad():
+        model, state, stack, x = one_step_in(precision)
+        g = torch.Generator().manual_seed(3)
+        for shift in (state.att_shift, state.ffn_shift):
+            shift.copy_(torch.randn(shift.shape, generator=g))
+        assert not torch.equal(state.att_shift, state.att_shift.bfloat16().float())
+        out = decode_blocks(x, stack, state.att_shift, state.ffn_shift, state.wkv, slots(model, state))
+        expected, expected_state = model.step(torch.tensor([6, 7]), state)
+    assert torch.equal(model.head(model.ln_out(out[0])), expected)
+    assert torch.equal(out[1], expected_state.att_shift) and torch.equal(out[2], expected_state.ffn_shift)
+    assert torch.equal(out[3], expected_state.wkv)  # continuous in the mixes, where spikes would hide a difference
+
+
 def test_decode_blocks_writes_the_next_state_into_given_tensors_and_refuses_overlapping_ones():
     with torch.no_grad():
         model, state, stack, x = one_step_in("float32")

@@ -362,14 +362,25 @@ std::vector<torch::Tensor> decode_blocks_cpu(torch::Tensor x, Tensors tensors, s
   const auto run_blocks = [&](auto dtype) {
     using D = decltype(dtype);
     // Block i's token shift: LayerNorm(x) (written to shift_out as the next token's shift), and from it and the
-    // previous token's shift (in D) what the mixes take: previous and LayerNorm(x) - previous.
+    // previous token's shift (in D) what the mixes take: previous and LayerNorm(x) - previous (rounded once, as
+    // ATen's subtraction computes it). The three in one pass over the elements rather than a widening, a rounding and
+    // ATen's subtraction.
     const auto shifted = [&](int64_t i, Slot ln_weight, Slot ln_bias, const torch::Tensor& shift_in,
                              torch::Tensor& shift_out) {
       const auto y = at::layer_norm(x, normalized, step.get(ln_weight), step.get(ln_bias), eps);
-      widen_into<D>(y, shift_out.data_ptr<float>() + i * row);
+      const auto* normed = elements<D>(y);
       const float* before = shift_in.data_ptr<float>() + i * row;
-      auto previous = tensor_from<D>(rows, [&](int64_t j) { return before[j]; });
-      auto delta = y - previous;
+      float* after = shift_out.data_ptr<float>() + i * row;
+      auto previous = torch::empty(rows, torch::TensorOptions().dtype(D::dtype));
+      auto delta = torch::empty(rows, torch::TensorOptions().dtype(D::dtype));
+      auto* last = static_cast<typename D::Element*>(previous.data_ptr());
+      auto* change = static_cast<typename D::Element*>(delta.data_ptr());
+      over_elements(row, [&](int64_t j) {
+        const float value = D::widen(normed[j]);
+        after[j] = value;
+        last[j] = D::round(before[j]);
+        change[j] = D::round(value - D::widen(last[j]));
+      });
       return std::make_pair(previous, delta);
     };
     // Block i's WKV of one token, sigmoid(r) * wkv(k, v) in D (the input of att.output), the state advanced into
