@@ -135,18 +135,30 @@ void over_elements(int64_t n, const F& body) {
   at::parallel_for(0, n, kMinElementsPerThread, [&](int64_t begin, int64_t end) { each_element(begin, end, body); });
 }
 
-// The elements of `t`, a contiguous tensor of the step's dtype D.
+// The elements of `t`, a contiguous tensor of the step's dtype D, to write (a new_tensor's) ...
+template <typename D>
+typename D::Element* elements_to_write(const torch::Tensor& t) {
+  TORCH_INTERNAL_ASSERT(t.is_contiguous() && t.scalar_type() == D::dtype);
+  return static_cast<typename D::Element*>(t.data_ptr());
+}
+
+// ... or to read.
 template <typename D>
 const typename D::Element* elements(const torch::Tensor& t) {
-  TORCH_INTERNAL_ASSERT(t.is_contiguous() && t.scalar_type() == D::dtype);
-  return static_cast<const typename D::Element*>(t.data_ptr());
+  return elements_to_write<D>(t);
+}
+
+// A new tensor of `sizes` in the step's dtype D, not initialised.
+template <typename D>
+torch::Tensor new_tensor(at::IntArrayRef sizes) {
+  return torch::empty(sizes, torch::TensorOptions().dtype(D::dtype));
 }
 
 // fn(i) for every element i, rounded once to D, in a new tensor of `sizes`.
 template <typename D, typename F>
 torch::Tensor tensor_from(at::IntArrayRef sizes, const F& fn) {
-  auto out = torch::empty(sizes, torch::TensorOptions().dtype(D::dtype));
-  auto* dst = static_cast<typename D::Element*>(out.data_ptr());
+  auto out = new_tensor<D>(sizes);
+  auto* dst = elements_to_write<D>(out);
   over_elements(out.numel(), [&](int64_t i) { dst[i] = D::round(fn(i)); });
   return out;
 }
@@ -371,10 +383,8 @@ std::vector<torch::Tensor> decode_blocks_cpu(torch::Tensor x, Tensors tensors, s
       const auto* normed = elements<D>(y);
       const float* before = shift_in.data_ptr<float>() + i * row;
       float* after = shift_out.data_ptr<float>() + i * row;
-      auto previous = torch::empty(rows, torch::TensorOptions().dtype(D::dtype));
-      auto delta = torch::empty(rows, torch::TensorOptions().dtype(D::dtype));
-      auto* last = static_cast<typename D::Element*>(previous.data_ptr());
-      auto* change = static_cast<typename D::Element*>(delta.data_ptr());
+      auto previous = new_tensor<D>(rows), delta = new_tensor<D>(rows);
+      auto *last = elements_to_write<D>(previous), *change = elements_to_write<D>(delta);
       over_elements(row, [&](int64_t j) {
         const float value = D::widen(normed[j]);
         after[j] = value;
