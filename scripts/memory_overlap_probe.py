@@ -14,9 +14,10 @@ arithmetic that reads no memory of its own:
   reads its weights);
 - ``amx product``: the project's own product (:class:`spikegpt_ft.ops.Linear`, bfloat16, 64 rows, on AMX) over
   768 x 768 weights filling the buffer's size, one after the other; its arithmetic alone is the same number of
-  products by the first weight, which stays in the cache, and its stream the read of all the weights
-  (``read_bytes``, the reference of ``spikegpt-ft bench``). Beside it, the rate of those cached products and of
-  ``spikegpt-ft bench``'s large bfloat16 product (:func:`spikegpt_ft.tools.bench.time_matmul_rate`).
+  products by the first weight, which stays in the cache, and its stream the read of all the weights as
+  ``spikegpt-ft bench`` reads them (:func:`spikegpt_ft.tools.bench.time_weight_read`). Beside it, the rate of
+  those cached products and of ``spikegpt-ft bench``'s large bfloat16 product
+  (:func:`spikegpt_ft.tools.bench.time_matmul_rate`).
 
 Each is timed as the stream alone, the arithmetic alone (``amx-tiles``' tiles then from 16 KiB that stay in the
 cache) and both, without and with a software prefetch 16 KiB ahead into the L2 cache (``_MM_HINT_T1``). Printed:
@@ -35,13 +36,13 @@ import time
 from collections.abc import Callable
 
 import torch
+from torch import nn
 from torch.utils.cpp_extension import load_inline
 
 from spikegpt_ft.ops import Linear
-from spikegpt_ft.ops.extension import extension
 from spikegpt_ft.ops.linear import amx_usable
 from spikegpt_ft.system import cpu_flags, cpu_name
-from spikegpt_ft.tools.bench import time_matmul_rate
+from spikegpt_ft.tools.bench import time_matmul_rate, time_weight_read
 
 SOURCE = r"""
 #include <torch/extension.h>
@@ -155,17 +156,11 @@ def median_ms(repeats: int, fn: Callable[..., float], *args: object) -> float:
 
 
 def time_products(megabytes: int, repeats: int) -> tuple[float, float, float]:
-    """Milliseconds to read 768 x 768 bfloat16 weights of ``megabytes`` in all, to multiply 64 rows by each, and
-    to multiply them as often by the first weight alone (which stays in the cache)."""
+    """Milliseconds to read 768 x 768 bfloat16 weights of ``megabytes`` in all, to multiply 64 rows by the first
+    of them as many times as there are weights (it stays in the cache), and to multiply them by each in turn."""
     torch.manual_seed(0)
     layers = [Linear(768, 768, bias=False, dtype=torch.bfloat16) for _ in range(megabytes * 2**20 // (768 * 768 * 2))]
     x = torch.randn(64, 768, dtype=torch.bfloat16)
-    weights = [layer.weight.detach() for layer in layers]
-
-    def read() -> float:
-        start = time.perf_counter()
-        extension().read_bytes(weights)
-        return time.perf_counter() - start
 
     def products(chosen: list[Linear]) -> float:
         start = time.perf_counter()
@@ -173,9 +168,10 @@ def time_products(megabytes: int, repeats: int) -> tuple[float, float, float]:
             layer(x)
         return time.perf_counter() - start
 
+    read = time_weight_read(nn.ModuleList(layers), torch.device("cpu"), 1, repeats)
     with torch.inference_mode():
         return (
-            median_ms(repeats, read),
+            read["weight_read_ms"],
             median_ms(repeats, products, [layers[0]] * len(layers)),
             median_ms(repeats, products, layers),
         )

@@ -50,7 +50,7 @@ def test_bench_all_tiny_writes_json(tmp_path, capsys):
     assert rec["recurrent_b1"]["ms_per_token"] == pytest.approx(rec["recurrent_b1"]["median_ms"])
     for r in rec.values():
         assert r["weight_bytes"] == 4 * TINY_LINEAR_PARAMS  # float32
-        assert r["weight_read_ms"] > 0
+        assert r["weight_read_ms"] > 0 and r["weight_read_prefetch"] in extension().read_prefetches()
         assert r["step_over_weight_read"] == pytest.approx(r["median_ms"] / r["weight_read_ms"])
         assert r["kernel"] == "torch"  # float32 weights: PyTorch's product
         flops = 2 * TINY_LINEAR_PARAMS * r["shape"]["B"]
@@ -66,6 +66,25 @@ def test_bench_all_tiny_writes_json(tmp_path, capsys):
     assert f"{rec['recurrent_b1']['step_over_weight_read']:.2f}" in b1.split()
     fwd = next(line for line in table.splitlines() if "parallel_forward" in line)
     assert len(fwd.split()) < len(b1.split())
+
+
+@pytest.mark.parametrize("fastest", ["none", "l1-2k", "l2-16k"])
+def test_the_weight_read_is_the_fastest_way_of_reading(monkeypatch, fastest):
+    """time_weight_read times read_bytes in each of its ways and keeps the fastest, whichever it is."""
+    model = torch.nn.Sequential(torch.nn.Linear(64, 32), torch.nn.Linear(32, 16))
+    timed = []
+
+    def fake_time_fn(fn, device, warmup, repeats):
+        assert fn() == extension().read_bytes([m.weight.detach().reshape(-1) for m in model])  # a real read
+        way = fn.args[1]
+        timed.append(way)
+        return [0.002 if way == fastest else 0.003] * repeats
+
+    monkeypatch.setattr(bench, "time_fn", fake_time_fn)
+    read = bench.time_weight_read(model, torch.device("cpu"), 0, 3)
+    assert timed == extension().read_prefetches()
+    assert read["weight_read_prefetch"] == fastest and read["weight_read_ms"] == pytest.approx(2.0)
+    assert read["weight_bytes"] == 4 * (64 * 32 + 32 * 16)
 
 
 def test_bench_recurrent_bf16_weights():

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import json
 import os
 import platform
@@ -164,16 +165,24 @@ def time_weight_read(model: nn.Module, device: torch.device, warmup: int, repeat
 
     On the CPU the bytes are read by the kernels' own pure read (``read_bytes``, ``csrc/memory_cpu.cpp``): one
     sequential stream per thread at the memory's speed, where ATen's reductions, which would stand in for a read,
-    run well below it (a 64-bit-word ``max`` took 1.5 x as long on the Intel Xeon of BENCHMARKS.md). On a GPU,
-    a ``max`` of each tensor's 64-bit words (a ``sum`` where they are not whole words). The median of ``repeats``
-    timed reads after ``warmup`` untimed ones.
+    run well below it (a 64-bit-word ``max`` took 1.5 x as long on the Intel Xeon of BENCHMARKS.md). It is timed
+    in each of its ways (no software prefetch, or one of the streaming kernels', ``read_prefetches``) and the
+    fastest is kept (``weight_read_prefetch``): which way reads fastest depends on the machine, and a reference
+    slower than the machine's read would flatter every step measured against it. On a GPU, a ``max`` of each
+    tensor's 64-bit words (a ``sum`` where they are not whole words). The median of ``repeats`` timed reads after
+    ``warmup`` untimed ones.
     """
     weights = [w.detach().reshape(-1) for w in linear_weights(model)]
+    nbytes = sum(w.numel() * w.element_size() for w in weights)
     if device.type == "cpu":
-
-        def read():
-            extension().read_bytes(weights)
-
+        medians = {
+            prefetch: statistics.median(
+                time_fn(functools.partial(extension().read_bytes, weights, prefetch), device, warmup, repeats)
+            )
+            for prefetch in extension().read_prefetches()
+        }
+        prefetch = min(medians, key=medians.__getitem__)
+        med = medians[prefetch]
     else:
         words = [w.view(torch.int64) if w.numel() * w.element_size() % 8 == 0 else None for w in weights]
 
@@ -182,10 +191,14 @@ def time_weight_read(model: nn.Module, device: torch.device, warmup: int, repeat
                 for w, as_words in zip(weights, words, strict=True):
                     w.sum() if as_words is None else as_words.max()
 
-    samples = time_fn(read, device, warmup, repeats)
-    nbytes = sum(w.numel() * w.element_size() for w in weights)
-    med = statistics.median(samples)
-    return {"weight_read_ms": med * 1e3, "weight_bytes": nbytes, "weight_read_gb_per_s": nbytes / med / 1e9}
+        prefetch = None
+        med = statistics.median(time_fn(read, device, warmup, repeats))
+    return {
+        "weight_read_ms": med * 1e3,
+        "weight_bytes": nbytes,
+        "weight_read_gb_per_s": nbytes / med / 1e9,
+        "weight_read_prefetch": prefetch,
+    }
 
 
 def _autocast(device: torch.device, dtype: torch.dtype):
@@ -539,6 +552,13 @@ def _products_text(r: dict) -> str:
     return f"{r['products_ms']:.2f}" + ("" if torch_ms is None else f" ({torch_ms:.2f})")
 
 
+def _read_text(r: dict) -> str:
+    if "weight_read_ms" not in r:
+        return ""
+    prefetch = r.get("weight_read_prefetch")
+    return f"{r['weight_read_ms']:.3f}" + (f" ({prefetch})" if prefetch else "")
+
+
 def _rates_text(r: dict) -> str:
     if "linear_gflop_per_s" not in r:
         return ""
@@ -567,7 +587,7 @@ def format_table(results: list[dict]) -> str:
                 f"{r['peak_mem_mb']:.0f}",
                 f"{r['process_cpu_ms_per_call']:.1f}",
                 f"{r['load_average_after']:.2f}" if r["load_average_after"] is not None else "",
-                f"{r['weight_read_ms']:.3f}" if "weight_read_ms" in r else "",
+                _read_text(r),
                 f"{r['step_over_weight_read']:.2f}" if "step_over_weight_read" in r else "",
                 _products_text(r),
                 r.get("step", ""),

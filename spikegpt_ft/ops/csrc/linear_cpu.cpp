@@ -52,6 +52,7 @@
 
 #include "cpu_floats.h"
 #include "int8_digits.h"
+#include "prefetch.h"
 
 #if defined(__x86_64__) && defined(__GNUC__)
 #include <immintrin.h>
@@ -70,34 +71,10 @@ constexpr int64_t kMinWeightsPerThread = 1 << 16;
 // Rows of x the streaming kernel multiplies at once (their accumulators live in registers).
 constexpr int64_t kMaxStreamRows = 4;
 
-// How the vector kernels ask for the weights ahead of the ones they multiply, where those come from memory: into
-// which cache and how many bytes ahead. Which is fastest depends on the machine, and a prefetch changes no value,
-// so each process measures the candidates (`calibrate_prefetch`) and keeps the fastest. The candidates:
-// - 2 KiB ahead into the L1 cache: on the AMD EPYC of the comment at the top 1 KiB and 2 - 8 KiB ran alike;
-// - 16 KiB ahead into the L2 cache: on the Intel Xeon (AVX-512, AMX) of BENCHMARKS.md the 216M model's products
-//   of one row in model order took 1.12 - 1.15 x the time of reading the weights in bf16 (1.35 - 1.36 x with the
-//   first), 1.43 x in int8 (1.66 - 1.80 x), in alternating scratch runs; 2 - 8 KiB into the L2 and longer
-//   distances into the L1 were slower. A prefetch into the L1 takes one of the core's few buffers for
-//   outstanding misses until the line arrives; one into the L2 does not.
-struct Prefetch {
-  const char* name;
-  bool into_l2;
-  int64_t ahead;  // bytes
-};
-constexpr Prefetch kPrefetches[] = {{"l1-2k", false, 2048}, {"l2-16k", true, 16 * 1024}};
-constexpr int kPrefetchCount = sizeof(kPrefetches) / sizeof(kPrefetches[0]);
-
-// Ask for the cache line `p.ahead` bytes after `at`.
-inline void prefetch_ahead(const Prefetch& p, const void* at) {
-#if defined(__x86_64__) && defined(__GNUC__)
-  const char* line = static_cast<const char*>(at) + p.ahead;
-  if (p.into_l2) {
-    _mm_prefetch(line, _MM_HINT_T1);
-  } else {
-    _mm_prefetch(line, _MM_HINT_T0);
-  }
-#endif
-}
+// How the vector kernels ask for the weights ahead of the ones they multiply, where those come from memory
+// (prefetch.h: the candidates, of which each process measures the fastest, `calibrate_prefetch`).
+using software_prefetch::kPrefetches;
+using software_prefetch::Prefetch;
 
 // Weights per block that the rows of x share from the cache (256 KiB of bfloat16).
 constexpr int64_t kStreamBlockWeights = 1 << 17;
@@ -191,7 +168,7 @@ AVX2_TARGET void stream_rows_avx2(const StreamArgs<W, Out>& a, int64_t n) {
   for (int64_t k = 0; k < body; k += 16) {
     for (int r = 0; r < R; ++r) {
       const W* wk = a.w + (n + r) * K + k;
-      if (a.prefetch != nullptr && k % kLine == 0) prefetch_ahead(*a.prefetch, wk);
+      if (a.prefetch != nullptr && k % kLine == 0) software_prefetch::ahead(*a.prefetch, wk);
       __m256 first, second;
       widen16(wk, first, second);
       for (int m = 0; m < M; ++m) {
@@ -245,7 +222,7 @@ AVX512_TARGET void stream_rows_avx512(const StreamArgs<W, Out>& a, int64_t n) {
     for (int m = 0; m < M; ++m) acc[r][m] = _mm512_setzero_ps();
   for (int64_t k = 0; k < body; k += kLine) {
     if (a.prefetch != nullptr) {
-      for (int r = 0; r < R; ++r) prefetch_ahead(*a.prefetch, a.w + (n + r) * K + k);
+      for (int r = 0; r < R; ++r) software_prefetch::ahead(*a.prefetch, a.w + (n + r) * K + k);
     }
     for (int v = 0; v < kVectors; ++v) {
       __m512 xs[M];
@@ -358,7 +335,7 @@ VNNI_TARGET void stream_rows_vnni(const StreamArgs<int8_t, Out>& a, int64_t n) {
   for (int64_t k = 0; k < body; k += 64) {
     __m512i u[R];
     for (int r = 0; r < R; ++r) {
-      if (a.prefetch != nullptr) prefetch_ahead(*a.prefetch, a.w + (n + r) * K + k);
+      if (a.prefetch != nullptr) software_prefetch::ahead(*a.prefetch, a.w + (n + r) * K + k);
       u[r] = _mm512_xor_si512(_mm512_loadu_si512(a.w + (n + r) * K + k), flip);
     }
     for (int m = 0; m < M; ++m) {
@@ -446,7 +423,7 @@ BF16_TARGET void stream_rows_dpbf16(const StreamArgs<uint16_t, Out>& a, int64_t 
     for (int m = 0; m < M; ++m) acc[r][m] = _mm512_setzero_ps();
   for (int64_t k = 0; k < body; k += kLine) {
     if (a.prefetch != nullptr) {
-      for (int r = 0; r < R; ++r) prefetch_ahead(*a.prefetch, a.w + (n + r) * K + k);
+      for (int r = 0; r < R; ++r) software_prefetch::ahead(*a.prefetch, a.w + (n + r) * K + k);
     }
     dpbf16_line<M, R, false>(a, n, k, acc);
   }
@@ -728,11 +705,11 @@ int calibrate_prefetch() {
     return std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
   };
   pass(0);
-  std::vector<int> votes(kPrefetchCount, 0);
+  std::vector<int> votes(software_prefetch::kCount, 0);
   for (int round = 0; round < kRounds; ++round) {
-    std::vector<double> took(kPrefetchCount);
-    for (int i = 0; i < kPrefetchCount; ++i) {
-      const int c = (i + round) % kPrefetchCount;
+    std::vector<double> took(software_prefetch::kCount);
+    for (int i = 0; i < software_prefetch::kCount; ++i) {
+      const int c = (i + round) % software_prefetch::kCount;
       took[c] = pass(c);
     }
     if (++votes[std::min_element(took.begin(), took.end()) - took.begin()] > kRounds / 2) break;
@@ -836,15 +813,9 @@ void set_stream_prefetch_cpu(const std::string& name) {
     forced_prefetch.store(-1);
     return;
   }
-  std::string known = "auto";
-  for (int c = 0; c < kPrefetchCount; ++c) {
-    if (name == kPrefetches[c].name) {
-      forced_prefetch.store(c);
-      return;
-    }
-    known += std::string(", ") + kPrefetches[c].name;
-  }
-  TORCH_CHECK(false, "set_stream_prefetch: unknown prefetch '", name, "' (", known, ")");
+  const int c = software_prefetch::find(name);
+  TORCH_CHECK(c >= 0, "set_stream_prefetch: unknown prefetch '", name, "' (", software_prefetch::names("auto"), ")");
+  forced_prefetch.store(c);
 }
 
 // x: [M, K] float32 or bfloat16; weight: [N, K] bfloat16, or int8 with scale [N]; bias: [N].

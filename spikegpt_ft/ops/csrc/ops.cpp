@@ -38,7 +38,9 @@ bool amx_usable();  // int8 weights by many bfloat16 rows on AMX-INT8 (amx_linea
 torch::Tensor amx_pack_weight_cpu(torch::Tensor weight);
 torch::Tensor amx_linear_cpu(torch::Tensor x, torch::Tensor packed, int64_t N, std::optional<torch::Tensor> bias);
 // A pass that only reads memory, the limit of CPU decoding (memory_cpu.cpp).
-int64_t read_bytes_cpu(std::vector<torch::Tensor> tensors);
+int64_t read_bytes_cpu(std::vector<torch::Tensor> tensors, const std::string& prefetch);
+// "none" and prefetch.h's prefetches by name: the ways read_bytes can read.
+std::vector<std::string> read_prefetches_cpu();
 // One recurrent step through a stack of blocks (decode_cpu.cpp).
 std::vector<torch::Tensor> decode_blocks_cpu(torch::Tensor x, std::vector<std::optional<torch::Tensor>> tensors,
                                              std::vector<int64_t> kernels, std::vector<int64_t> lora_kernels,
@@ -179,8 +181,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("amx_linear", &amx_linear_cpu,
         "linear on AMX tiles (cpu): (x[M,K] bf16, amx_pack_weight(weight), N, bias[N] or None) -> y[M,N] bf16");
   m.def("read_bytes", &read_bytes_cpu,
-        "the bitwise OR of every byte of the tensors (contiguous, cpu), each byte read once by the threads: "
-        "a pass over memory that does nothing else");
+        "the bitwise OR of every byte of the tensors (contiguous, cpu), each byte read once by the threads, with "
+        "one of read_prefetches' software prefetches: a pass over memory that does nothing else",
+        py::arg("tensors"), py::arg("prefetch") = "none");
+  m.def("read_prefetches", &read_prefetches_cpu, "the software prefetches read_bytes takes: 'none' and the rest");
   m.def("decode_blocks", &decode_blocks_cpu,
         "one token through a stack of SpikeGPT blocks (cpu): (x[B,C], tensors, product kernels, adapter kernels, "
         "gates, product scalars, "
