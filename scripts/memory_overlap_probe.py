@@ -147,6 +147,8 @@ double timed(torch::Tensor buffer, bool cached, bool read, int64_t work, int64_t
 """
 
 KINDS = {"fma": 1, "amx": 2, "amx-tiles": 3}
+#: The width of the amx product's square weights (the 216M model's).
+WIDTH = 768
 
 
 def median_ms(repeats: int, fn: Callable[..., float], *args: object) -> float:
@@ -155,12 +157,12 @@ def median_ms(repeats: int, fn: Callable[..., float], *args: object) -> float:
     return 1e3 * statistics.median(fn(*args) for _ in range(repeats))
 
 
-def time_products(megabytes: int, repeats: int) -> tuple[float, float, float]:
-    """Milliseconds to read 768 x 768 bfloat16 weights of ``megabytes`` in all, to multiply 64 rows by the first
-    of them as many times as there are weights (it stays in the cache), and to multiply them by each in turn."""
+def time_products(count: int, repeats: int) -> tuple[float, float, float]:
+    """Milliseconds to read ``count`` WIDTH x WIDTH bfloat16 weights, to multiply 64 rows by the first of them
+    ``count`` times (it stays in the cache), and to multiply them by each in turn."""
     torch.manual_seed(0)
-    layers = [Linear(768, 768, bias=False, dtype=torch.bfloat16) for _ in range(megabytes * 2**20 // (768 * 768 * 2))]
-    x = torch.randn(64, 768, dtype=torch.bfloat16)
+    layers = [Linear(WIDTH, WIDTH, bias=False, dtype=torch.bfloat16) for _ in range(count)]
+    x = torch.randn(64, WIDTH, dtype=torch.bfloat16)
 
     def products(chosen: list[Linear]) -> float:
         start = time.perf_counter()
@@ -208,6 +210,7 @@ def main(argv: list[str] | None = None) -> None:
         work = KINDS[kind]
         alone = median_ms(args.repeats, probe.timed, buffer, True, False, work, args.fmas, False)
         for prefetch in (False, True):
+            # the stream again for each row, timed beside its "both": the machine's rate drifts between rows
             stream = median_ms(args.repeats, probe.timed, buffer, False, True, 0, 0, prefetch)
             plain_loads = kind != "amx-tiles"  # amx-tiles reads the stream through its tile loads alone
             both = median_ms(args.repeats, probe.timed, buffer, False, plain_loads, work, args.fmas, prefetch)
@@ -216,12 +219,13 @@ def main(argv: list[str] | None = None) -> None:
                 f"{both / (stream + alone):.2f} | {both / max(stream, alone):.2f} |"
             )
     if amx_usable():
-        read, cached, streamed = time_products(args.megabytes, args.repeats)
+        count = args.megabytes * 2**20 // (WIDTH * WIDTH * 2)  # weights filling the buffer's size
+        read, cached, streamed = time_products(count, args.repeats)
         print(
             f"| amx product | none (the kernel's) | {read:.2f} | {cached:.2f} | {streamed:.2f} | "
             f"{streamed / (read + cached):.2f} | {streamed / max(read, cached):.2f} |"
         )
-        flops = 2 * 64 * 768 * 768 * (args.megabytes * 2**20 // (768 * 768 * 2))
+        flops = 2 * 64 * WIDTH * WIDTH * count
         cached_rate, large_rate = flops / cached / 1e6, time_matmul_rate(torch.bfloat16, torch.device("cpu"), 3, 20)
         print(
             f"\nThe cached products: {cached_rate:.0f} GFLOP/s; the large bfloat16 product: {large_rate:.0f} GFLOP/s "
