@@ -371,8 +371,10 @@ VNNI_TARGET void stream_rows_vnni(const StreamArgs<int8_t, Out>& a, int64_t n) {
 // thread this way, 1.28 x two rows at a time); from the cache, as many as keep the R * M * 3 sums in registers.
 // There, the 216M model's int8 products of one row in model order took 1.35 x the read against the float32
 // kernel's 1.54 x, of four rows 1.96 x against 2.19 x (scratch, both kernels in one process, seven alternating
-// passes each); of more rows, see amx_linear.cpp. VPDPBUSD runs at half the rate of float32 FMAs there, so at four
-// rows the integers are barely ahead, and at 64 rows on VNNI they took 1.4 x as long as the float32 kernel.
+// passes each); of more rows, see amx_linear.cpp. VPDPBUSD runs there at the rate of the float32 FMA (ten
+// independent chains of 512-bit ones on one core: 3.2 - 3.4 against 3.1 - 3.2 billion a second, scratch), yet at four
+// rows the integers are barely ahead, and at 64 rows on VNNI they took 1.4 x as long as the float32 kernel. For one
+// row, AMX-INT8 (the same sums) read the weights from memory more slowly than this kernel (BENCHMARKS.md).
 struct Avx512Vnni {
   template <int M>
   static constexpr int kWeightRows = M == 1 ? 4 : 2;
