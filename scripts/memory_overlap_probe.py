@@ -128,6 +128,9 @@ uint64_t share(const char* p, int64_t s0, int64_t s1, int64_t window, bool read,
   return words[0] ^ words[1] ^ words[2] ^ words[3] ^ static_cast<uint64_t>(lanes[0] + sum != 0);
 }
 
+// Where each pass leaves what it read, so that the compiler keeps the loads (an atomic others could read).
+std::atomic<uint64_t> kept{0};
+
 }  // namespace
 
 // Seconds to run every step of `buffer` over the threads (each its contiguous share).
@@ -135,14 +138,11 @@ double timed(torch::Tensor buffer, bool cached, bool read, int64_t work, int64_t
   const char* p = static_cast<const char*>(buffer.data_ptr());
   const int64_t bytes = buffer.numel() - kPrefetchBytes, steps = bytes / kStepBytes;
   const int64_t window = cached ? kCachedBytes : bytes;
-  std::atomic<uint64_t> sink{0};
   const auto start = std::chrono::steady_clock::now();
   at::parallel_for(0, steps, 1024, [&](int64_t s0, int64_t s1) {
-    sink ^= share(p, s0, s1, window, read, static_cast<int>(work), fmas, prefetch);
+    kept ^= share(p, s0, s1, window, read, static_cast<int>(work), fmas, prefetch);
   });
-  const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
-  TORCH_CHECK(sink.load() != 42, "unreachable: keeps the loads");
-  return seconds;
+  return std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
 }
 """
 
